@@ -1,0 +1,24 @@
+"""Continuous normalizing flows for Pyro and nflows.
+
+The core (:class:`ContinuousFlow`, :class:`ODENet`) imports neither; :class:`CNF`,
+:class:`ConditionalCNF` and the factories adapt it to Pyro, :class:`CNFTransform` to nflows.
+"""
+
+from .flow import AUTO_EXACT_MAX_DIM, ContinuousFlow, SolverError
+from .nets import ACTIVATIONS, ODENet
+from .nflows_transform import CNFTransform
+from .pyro_transforms import CNF, ConditionalCNF, ConditionedCNF, cnf, conditional_cnf
+
+__all__ = [
+    "ACTIVATIONS",
+    "AUTO_EXACT_MAX_DIM",
+    "CNF",
+    "CNFTransform",
+    "ConditionalCNF",
+    "ConditionedCNF",
+    "ContinuousFlow",
+    "ODENet",
+    "SolverError",
+    "cnf",
+    "conditional_cnf",
+]

@@ -1,0 +1,173 @@
+r"""Vector fields :math:`f(t, x[, c])` for continuous flows.
+
+Any ``nn.Module`` with ``forward(t, x)`` (or ``forward(t, x, context)``) that returns a
+tensor shaped like ``x`` can drive a :class:`~pyro_cnf.ContinuousFlow`. A field MAY also
+implement the *divergence protocol*::
+
+    def divergence(self, t, x, context=None) -> tuple[Tensor, Tensor]:
+        # returns (f, div): the field, shape (N, d), and Tr(df/dx), shape (N,)
+
+which the flow then uses for the exact trace instead of d vector-Jacobian products.
+:class:`ODENet` implements it in closed form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ODENet", "ACTIVATIONS"]
+
+
+def _softplus_grad(u: Tensor, h: Tensor) -> Tensor:
+    return torch.sigmoid(u)
+
+
+def _tanh_grad(u: Tensor, h: Tensor) -> Tensor:
+    return 1 - h * h
+
+
+def _elu_grad(u: Tensor, h: Tensor) -> Tensor:
+    return torch.where(u > 0, torch.ones_like(h), h + 1)
+
+
+def _silu_grad(u: Tensor, h: Tensor) -> Tensor:
+    s = torch.sigmoid(u)
+    return s + h * (1 - s)
+
+
+def _sigmoid_grad(u: Tensor, h: Tensor) -> Tensor:
+    return h * (1 - h)
+
+
+#: Smooth activations with the derivative written as a function of the pre-activation
+#: ``u`` and the activation ``h = s(u)`` (reusing ``h`` saves a transcendental call).
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
+    "softplus": (F.softplus, _softplus_grad),
+    "tanh": (torch.tanh, _tanh_grad),
+    "elu": (F.elu, _elu_grad),
+    "silu": (F.silu, _silu_grad),
+    "sigmoid": (torch.sigmoid, _sigmoid_grad),
+}
+
+
+class ODENet(nn.Module):
+    r"""Time-conditioned MLP field with concat-squash layers (Grathwohl et al., 2019).
+
+    Every layer computes :math:`u = (W h + b) \odot \sigma(a t + g) + e t`: the time gate
+    scales each unit and the time shift moves it. Context, when given, is concatenated
+    to ``x`` at the input. The gate is folded into the weights once per evaluation
+    (:math:`W' = \mathrm{diag}(\sigma(a t + g)) W`), so the net costs one matmul per layer
+    and its Jacobian is :math:`W'_{L+1} D_L W'_L \cdots D_1 W'_{1,x}` with
+    :math:`D_l = \mathrm{diag}(s'(u_l))`.
+
+    :meth:`divergence` gives the exact trace of that Jacobian in closed form by the cyclic
+    property of the trace: with one hidden layer :math:`\mathrm{tr} J = D_1^\top
+    \mathrm{diag}(W'_{1,x} W'_2)`, with two :math:`\mathrm{tr} J = D_2^\top M D_1` where
+    :math:`M = W'_2 \odot (W'_{1,x} W'_3)^\top`; both cost :math:`O(h^2)` per sample,
+    about one forward pass, independently of ``d``. Deeper nets carry the per-sample
+    Jacobian of the first layers forward, :math:`O(h^2 d)` per sample and layer, which
+    still beats ``d`` autograd passes.
+
+    Arguments:
+        input_dim: The dimension ``d`` of ``x``.
+        hidden_dims: The widths of the hidden layers (``()`` gives a linear field).
+        context_dim: The dimension of the context, 0 for none.
+        activation: One of :data:`ACTIVATIONS`.
+        zero_init: Zero the last layer so that a new flow is the identity map.
+
+    Shapes: ``t`` is 0-d, ``x`` is ``(N, d)``, ``context`` is ``(N, context_dim)``;
+    ``forward`` returns ``(N, d)`` and ``divergence`` returns ``((N, d), (N,))``.
+
+    Example:
+        >>> net = ODENet(3, (16, 16), zero_init=False)
+        >>> f, div = net.divergence(torch.tensor(0.5), torch.randn(5, 3))
+        >>> f.shape, div.shape
+        (torch.Size([5, 3]), torch.Size([5]))
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dims: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        activation: str = "softplus",
+        zero_init: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if input_dim < 1 or context_dim < 0 or any(h < 1 for h in hidden_dims):
+            raise ValueError(
+                "expected input_dim >= 1, context_dim >= 0 and positive hidden_dims, got "
+                f"input_dim={input_dim}, context_dim={context_dim}, hidden_dims={tuple(hidden_dims)}"
+            )
+        self.input_dim = input_dim
+        self.context_dim = context_dim
+        self.hidden_dims = tuple(hidden_dims)
+        self.activation = activation
+        self._act, self._act_grad = ACTIVATIONS[activation]
+
+        sizes = (input_dim + context_dim, *self.hidden_dims, input_dim)
+        self.linears = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        # One gate/shift row per unit of every layer, evaluated together once per call.
+        width = sum(sizes[1:])
+        self.time_gate = nn.Parameter(torch.randn(width) * 0.1)
+        self.time_gate_bias = nn.Parameter(torch.zeros(width))
+        self.time_shift = nn.Parameter(torch.zeros(width))
+        self._splits = sizes[1:]
+        if zero_init:
+            nn.init.zeros_(self.linears[-1].weight)
+            nn.init.zeros_(self.linears[-1].bias)
+
+    def _layers(self, t: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The time-folded ``(W', b')`` of every layer at time ``t``."""
+        gate = torch.sigmoid(torch.addcmul(self.time_gate_bias, self.time_gate, t))
+        shift = self.time_shift * t
+        return [
+            (lin.weight * g.unsqueeze(-1), torch.addcmul(s, lin.bias, g))
+            for lin, g, s in zip(
+                self.linears, gate.split(self._splits), shift.split(self._splits)
+            )
+        ]
+
+    def _hidden(self, t: Tensor, x: Tensor, context: Tensor | None):
+        layers = self._layers(t)
+        h = x if context is None else torch.cat((x, context), dim=-1)
+        pre = []
+        for w, b in layers[:-1]:
+            u = torch.addmm(b, h, w.t())
+            h = self._act(u)
+            pre.append((u, h))
+        w, b = layers[-1]
+        return torch.addmm(b, h, w.t()), layers, pre
+
+    def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self._hidden(t, x, context)[0]
+
+    def divergence(
+        self, t: Tensor, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The field and its exact divergence :math:`\\mathrm{tr}(\\partial f / \\partial x)`."""
+        f, layers, pre = self._hidden(t, x, context)
+        d = self.input_dim
+        w_in = layers[0][0][:, :d]  # only the x-columns of the first layer enter the Jacobian
+        w_out = layers[-1][0]
+        slopes = [self._act_grad(u, h) for u, h in pre]
+        if not slopes:
+            return f, torch.diagonal(w_in).sum().expand(x.shape[0])
+        if len(slopes) == 1:
+            return f, slopes[0] @ (w_in * w_out.t()).sum(-1)
+        if len(slopes) == 2:
+            m = layers[1][0] * (w_in @ w_out).t()
+            return f, ((slopes[0] @ m.t()) * slopes[1]).sum(-1)
+        # Deeper: carry the per-sample Jacobian dh_l/dx of the first layers forward, then
+        # close the last two layers with the same cyclic contraction as above.
+        jac = slopes[0].unsqueeze(-1) * w_in
+        for (w, _), s in zip(layers[1:-2], slopes[1:-1]):
+            jac = s.unsqueeze(-1) * (w @ jac)
+        q = jac @ w_out
+        return f, torch.einsum("bl,lk,bkl->b", slopes[-1], layers[-2][0], q)

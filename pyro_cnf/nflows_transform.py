@@ -1,0 +1,73 @@
+"""nflows adapter: :class:`CNFTransform`, data -> noise in nflows' convention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from nflows.transforms.base import Transform
+from torch import Tensor
+
+from .flow import ContinuousFlow
+from .nets import ODENet
+
+__all__ = ["CNFTransform"]
+
+
+class CNFTransform(Transform):
+    """Continuous normalizing flow as an nflows :class:`~nflows.transforms.base.Transform`.
+
+    ``forward(inputs, context)`` integrates data -> noise (0 to ``T``) and
+    ``inverse(inputs, context)`` noise -> data; both return ``(outputs, logabsdet)`` with
+    ``logabsdet = log|det d outputs / d inputs|`` of shape ``[batch]``, from one solve.
+
+    Arguments:
+        input_dim: The feature dimension ``d``.
+        hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field.
+        context_dim: The context dimension for a conditional flow, or ``None``.
+        flow: A :class:`~pyro_cnf.ContinuousFlow` to wrap instead of building one.
+        **flow_kwargs: Passed to :class:`~pyro_cnf.ContinuousFlow`.
+
+    Example:
+        >>> from nflows.distributions import StandardNormal
+        >>> from nflows.flows import Flow
+        >>> flow = Flow(CNFTransform(2, hidden_dims=(16, 16)), StandardNormal([2]))
+        >>> flow.log_prob(torch.randn(8, 2)).shape
+        torch.Size([8])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dims: Sequence[int] = (64, 64),
+        *,
+        context_dim: int | None = None,
+        flow: ContinuousFlow | None = None,
+        **flow_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if flow is None:
+            field = ODENet(input_dim, hidden_dims, context_dim=context_dim or 0)
+            flow = ContinuousFlow(field, **flow_kwargs)
+        elif flow_kwargs:
+            raise ValueError(f"pass either flow= or flow settings, not both (got {sorted(flow_kwargs)})")
+        if flow.input_dim not in (None, input_dim):
+            raise ValueError(f"input_dim={input_dim} but the flow's field has input_dim={flow.input_dim}")
+        self.input_dim = input_dim
+        self.flow = flow
+
+    def _solve(self, inputs: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+        if isinstance(inputs, Tensor) and inputs.dim() != 2:
+            raise ValueError(f"inputs must have shape [batch, {self.input_dim}], got {tuple(inputs.shape)}")
+        if isinstance(context, Tensor) and (context.dim() != 2 or context.shape[0] != inputs.shape[0]):
+            raise ValueError(
+                f"context must have shape [batch, context_dim] with the {inputs.shape[0]} rows of "
+                f"inputs, got {tuple(context.shape)}"
+            )
+        return self.flow(inputs, context, reverse=reverse)
+
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._solve(inputs, context, reverse=False)
+
+    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._solve(inputs, context, reverse=True)

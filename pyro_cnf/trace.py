@@ -1,0 +1,70 @@
+r"""Divergence estimators :math:`\mathrm{tr}(\partial f / \partial x)` from autograd.
+
+Both take ``f`` computed from ``x`` (shape ``(N, d)``) under autograd and return the
+per-sample divergence, shape ``(N,)``. ``create_graph=True`` keeps the result
+differentiable, as training needs; sampling and evaluation under ``no_grad`` skip it.
+
+References:
+    | Scalable Reversible Generative Models with Free-form Continuous Dynamics
+    | (Grathwohl et al., 2019) https://arxiv.org/abs/1810.01367
+    | A stochastic estimator of the trace of the influence matrix (Hutchinson, 1989)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["exact_divergence", "hutchinson_divergence", "identity_basis", "probe_noise"]
+
+
+def identity_basis(x: Tensor) -> Tensor:
+    """The ``(d, N, d)`` stack of unit cotangents for :func:`exact_divergence`.
+
+    Built once per solve, not per evaluation.
+    """
+    n, d = x.shape
+    return torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1).expand(d, n, d)
+
+
+def probe_noise(x: Tensor, kind: str) -> Tensor:
+    """Hutchinson probes shaped like ``x``: Rademacher (``±1``) or standard Gaussian."""
+    if kind == "rademacher":
+        return torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
+    if kind == "gaussian":
+        return torch.randn_like(x)
+    raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {kind!r}")
+
+
+def exact_divergence(f: Tensor, x: Tensor, basis: Tensor, create_graph: bool) -> Tensor:
+    """Exact trace from ``d`` vector-Jacobian products in one vectorised autograd call.
+
+    Example:
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> f = 2 * x
+        >>> exact_divergence(f, x, identity_basis(x), create_graph=False)
+        tensor([6., 6., 6., 6.])
+    """
+    (rows,) = torch.autograd.grad(
+        f, x, basis, create_graph=create_graph, is_grads_batched=True
+    )  # rows[i] = e_i^T df/dx, shape (d, N, d)
+    return torch.diagonal(rows, dim1=0, dim2=2).sum(-1)
+
+
+def hutchinson_divergence(
+    f: Tensor, x: Tensor, noise: Tensor, create_graph: bool
+) -> tuple[Tensor, Tensor]:
+    """Hutchinson's estimate :math:`e^\\top (\\partial f/\\partial x) e` and the VJP :math:`e^\\top J`.
+
+    The VJP is returned so that the Jacobian Frobenius penalty :math:`\\|e^\\top J\\|^2`
+    (Finlay et al., 2020) costs nothing extra.
+
+    Example:
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> e = probe_noise(x, "rademacher")
+        >>> div, vjp = hutchinson_divergence(2 * x, x, e, create_graph=False)
+        >>> div  # e^T (2 I) e = 2 |e|^2 = 6 for Rademacher probes
+        tensor([6., 6., 6., 6.])
+    """
+    (vjp,) = torch.autograd.grad(f, x, noise, create_graph=create_graph)
+    return (vjp * noise).sum(-1), vjp

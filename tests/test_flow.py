@@ -1,0 +1,273 @@
+"""The core: ContinuousFlow's mathematics, solver settings and counters."""
+
+import math
+
+import pytest
+import torch
+
+from pyro_cnf import ACTIVATIONS, ContinuousFlow, ODENet
+from pyro_cnf.trace import probe_noise
+from tests.fields import ClosedLinearField, LinearField, NoDivergence, random_matrix
+
+TIGHT = dict(rtol=1e-10, atol=1e-10)
+
+
+def linear_flow(d=3, field=LinearField, T=1.0, **kw):
+    A = random_matrix(d)
+    return A, ContinuousFlow(field(A), T=T, **{**TIGHT, **kw})
+
+
+class TestLinearField:
+    """f = A x: the map is expm(A T) and log|det dz/dx| = + T tr A (not minus)."""
+
+    @pytest.mark.parametrize("field", [LinearField, ClosedLinearField])
+    @pytest.mark.parametrize("T", [1.0, 0.7])
+    def test_map_and_logdet_both_directions(self, field, T):
+        A, flow = linear_flow(field=field, T=T, trace="exact")
+        x = torch.randn(5, 3, dtype=torch.float64)
+        z, ladj = flow(x)
+        torch.testing.assert_close(z, x @ torch.linalg.matrix_exp(A * T).t(), rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(ladj, (T * torch.trace(A)).expand(5), rtol=1e-8, atol=1e-8)
+        x2, ladj2 = flow(z, reverse=True)
+        torch.testing.assert_close(x2, x, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(ladj2, -ladj, rtol=1e-8, atol=1e-8)
+
+    def test_log_density_is_base_plus_integrated_trace(self):
+        # p_data is N(0, S) with S = expm(-AT) expm(-AT)^T: compare with the analytic density
+        A, flow = linear_flow(trace="exact")
+        x = torch.randn(7, 3, dtype=torch.float64)
+        z, ladj = flow(x)
+        base = torch.distributions.MultivariateNormal(torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+        M = torch.linalg.matrix_exp(-A)
+        data = torch.distributions.MultivariateNormal(torch.zeros(3, dtype=torch.float64), M @ M.t())
+        torch.testing.assert_close(base.log_prob(z) + ladj, data.log_prob(x), rtol=1e-8, atol=1e-8)
+
+    def test_float64_error_below_1e8(self):
+        A, flow = linear_flow(trace="exact")
+        x = torch.randn(64, 3, dtype=torch.float64)
+        _, ladj = flow(x)
+        assert (ladj - torch.trace(A)).abs().max() < 1e-8
+
+    def test_hutchinson_exact_for_diagonal_field(self):
+        # Rademacher probes give e^T D e = tr D exactly for a diagonal D
+        A = torch.diag(torch.tensor([0.3, -0.5, 0.1], dtype=torch.float64))
+        flow = ContinuousFlow(LinearField(A), trace="hutchinson", **TIGHT)
+        _, ladj = flow(torch.randn(4, 3, dtype=torch.float64))
+        torch.testing.assert_close(ladj, torch.full((4,), -0.1, dtype=torch.float64))
+
+    def test_time_and_tensors_follow_input_dtype(self):
+        seen = []
+
+        class Recording(LinearField):
+            def forward(self, t, x):
+                seen.append((t.dtype, x.dtype))
+                return super().forward(t, x)
+
+        flow = ContinuousFlow(Recording(random_matrix(2)), trace="exact")
+        flow(torch.randn(3, 2, dtype=torch.float64))
+        assert seen and set(seen) == {(torch.float64, torch.float64)}
+
+
+class TestClosedFormDivergence:
+    """ODENet.divergence equals the autograd trace (float64, 1e-10)."""
+
+    @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+    @pytest.mark.parametrize("hidden", [(), (7,), (6, 5), (5, 4, 6), (4, 3, 5, 2)])
+    @pytest.mark.parametrize("context_dim", [0, 2])
+    def test_equals_autograd_trace(self, activation, hidden, context_dim):
+        torch.manual_seed(len(hidden) + context_dim)
+        net = ODENet(3, hidden, context_dim, activation=activation, zero_init=False).double()
+        x = torch.randn(6, 3, dtype=torch.float64)
+        ctx = (torch.randn(6, context_dim, dtype=torch.float64),) if context_dim else ()
+        t = torch.tensor(0.37, dtype=torch.float64)
+        f, div = net.divergence(t, x, *ctx)
+        jac = torch.autograd.functional.jacobian(lambda y: net(t, y, *ctx).sum(0), x)
+        torch.testing.assert_close(f, net(t, x, *ctx))
+        torch.testing.assert_close(div, torch.diagonal(jac, dim1=0, dim2=2).sum(-1), rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("hidden", [(5,), (5, 4), (4, 3, 5)])
+    def test_parameter_gradients_equal_autograd_path(self, hidden):
+        torch.manual_seed(1)
+        net = ODENet(3, hidden, zero_init=False).double()
+        x = torch.randn(8, 3, dtype=torch.float64)
+        closed = ContinuousFlow(net, trace="exact", **TIGHT)
+        vjp = ContinuousFlow(NoDivergence(net), trace="exact", **TIGHT)
+        grads = []
+        for flow in (closed, vjp):
+            net.zero_grad()
+            z, ladj = flow(x)
+            (ladj.sum() + z.pow(2).sum()).backward()
+            grads.append([p.grad.clone() for p in net.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+class TestEstimators:
+    def test_auto_picks_closed_form_and_never_touches_state_dict(self):
+        flow = ContinuousFlow(ODENet(16, (8, 8)))
+        keys = set(flow.state_dict())
+        assert flow.trace_mode(16) == "closed"
+        flow.trace = "hutchinson"
+        assert flow.trace_mode(16) == "hutchinson"
+        assert set(flow.state_dict()) == keys
+
+    def test_auto_without_closed_form(self):
+        flow = ContinuousFlow(NoDivergence(ODENet(16, (8, 8))))
+        assert flow.trace_mode(16) == "hutchinson"
+        assert flow.trace_mode(2) == "exact"
+        flow.eval()
+        assert flow.trace_mode(16) == "exact"
+
+    def test_hutchinson_mean_approaches_exact(self):
+        torch.manual_seed(0)
+        net = ODENet(4, (16, 16), zero_init=False).double()
+        x = torch.randn(1, 4, dtype=torch.float64).expand(4000, 4)
+        exact = ContinuousFlow(net, trace="exact", rtol=1e-7, atol=1e-7)(x[:1])[1]
+        for noise in ("rademacher", "gaussian"):
+            hutch = ContinuousFlow(net, trace="hutchinson", noise=noise, method="rk4", steps=20)
+            est = hutch(x)[1]
+            sem = est.std() / math.sqrt(len(est))
+            assert est.std() > 0  # really random
+            assert (est.mean() - exact).abs() < 4 * sem + 1e-4
+
+    @pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
+    def test_noise_is_drawn_once_per_solve(self, noise):
+        # constant Jacobian A: with one probe e the integral is exactly T e^T A e; a
+        # probe redrawn at every evaluation would average several draws instead
+        A, flow = linear_flow(trace="hutchinson", noise=noise)
+        x = torch.randn(6, 3, dtype=torch.float64)
+        torch.manual_seed(7)
+        _, ladj = flow(x)
+        torch.manual_seed(7)
+        e = probe_noise(x, noise)
+        torch.testing.assert_close(ladj, torch.einsum("bi,ij,bj->b", e, A, e))
+        assert flow.nfe > 6
+
+
+class TestSolver:
+    def test_round_trip_and_batch_shapes(self):
+        flow = ContinuousFlow(ODENet(2, (16, 16), zero_init=False))
+        x = torch.randn(3, 4, 2)
+        z, ladj = flow(x)
+        assert z.shape == (3, 4, 2) and ladj.shape == (3, 4)
+        x2, ladj2 = flow(z, reverse=True)
+        torch.testing.assert_close(x2, x, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(ladj2, -ladj, atol=1e-3, rtol=1e-3)
+        flat = flow(x.reshape(12, 2))[1].reshape(3, 4)
+        torch.testing.assert_close(flat, ladj, atol=1e-4, rtol=1e-4)
+
+    def test_unbatched_input(self):
+        flow = ContinuousFlow(ODENet(2, (8,), zero_init=False))
+        z, ladj = flow(torch.randn(2))
+        assert z.shape == (2,) and ladj.shape == ()
+
+    def test_fixed_grid_counts_and_requires_steps(self):
+        with pytest.raises(ValueError, match="fixed-grid"):
+            ContinuousFlow(ODENet(2), method="rk4")
+        for method, per_step in [("euler", 1), ("midpoint", 2), ("rk4", 4)]:
+            flow = ContinuousFlow(ODENet(2, (8,)), method=method, steps=5)
+            flow(torch.randn(4, 2))
+            assert flow.nfe == 5 * per_step
+
+    def test_fixed_grid_converges_to_adaptive(self):
+        A, exact = linear_flow(trace="exact")
+        rk4 = ContinuousFlow(exact.vector_field, method="rk4", steps=40, trace="exact")
+        x = torch.randn(5, 3, dtype=torch.float64)
+        torch.testing.assert_close(rk4(x)[0], exact(x)[0], rtol=1e-6, atol=1e-6)
+
+    def test_no_logdet_skips_trace(self):
+        calls = []
+
+        class Spy(ODENet):
+            def divergence(self, t, x, context=None):
+                calls.append(1)
+                return super().divergence(t, x, context)
+
+        flow = ContinuousFlow(Spy(2, (8,), zero_init=False))
+        x = torch.randn(4, 2)
+        y, ladj = flow(x, logdet=False)
+        assert ladj is None and not calls
+        torch.testing.assert_close(y, flow(x)[0], atol=1e-4, rtol=1e-4)
+
+    def test_empty_batch(self):
+        flow = ContinuousFlow(ODENet(2, (8,)))
+        z, ladj = flow(torch.zeros(0, 2))
+        assert z.shape == (0, 2) and ladj.shape == (0,)
+
+    def test_input_not_modified(self):
+        flow = ContinuousFlow(ODENet(2, (8,), zero_init=False))
+        x = torch.randn(4, 2)
+        copy = x.clone()
+        flow(x)
+        flow(x, reverse=True)
+        assert torch.equal(x, copy) and not x.requires_grad
+
+    def test_identity_at_initialisation(self):
+        flow = ContinuousFlow(ODENet(3, (16, 16)))
+        x = torch.randn(5, 3)
+        z, ladj = flow(x)
+        torch.testing.assert_close(z, x)  # up to the solver's interpolation round-off
+        assert torch.equal(ladj, torch.zeros(5))
+
+    def test_per_sample_error_norm_makes_density_batch_independent(self):
+        torch.manual_seed(0)
+        net = ODENet(2, (32, 32), zero_init=False)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(3)
+        x = torch.cat([torch.randn(255, 2) * 0.1, torch.tensor([[3.0, -3.0]])])
+        tol = 1e-5
+        ref = ContinuousFlow(net.double(), rtol=1e-10, atol=1e-10)(x[-1:].double())[1]
+        net.float()
+        for norm in ("mixed", "per_sample"):
+            flow = ContinuousFlow(net, rtol=tol, atol=tol, error_norm=norm)
+            batch = flow(x)[1][-1]
+            alone = flow(x[-1:])[1][0]
+            if norm == "per_sample":
+                assert (batch - alone).abs() < 50 * tol
+                assert (batch.double() - ref).abs() < 50 * tol
+
+    def test_regularisers_on_linear_field(self):
+        a, d, T = 0.4, 3, 0.8
+        flow = ContinuousFlow(LinearField(a * torch.eye(d, dtype=torch.float64)), T=T, regularize=True, **TIGHT)
+        x = torch.randn(6, d, dtype=torch.float64)
+        for reverse in (False, True):
+            flow(x, reverse=reverse)
+            rate = -a if reverse else a
+            kinetic = a**2 * x.pow(2).sum(-1) * (math.exp(2 * rate * T) - 1) / (2 * rate)
+            torch.testing.assert_close(flow.kinetic_energy, kinetic)
+            # Rademacher e: |e^T (aI)|^2 = a^2 d
+            torch.testing.assert_close(flow.jacobian_norm, torch.full((6,), a**2 * d * T, dtype=torch.float64))
+
+
+class TestGradients:
+    @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+    def test_adjoint_matches_direct(self, trace):
+        torch.manual_seed(0)
+        net = NoDivergence(ODENet(2, (16, 16), context_dim=1, zero_init=False)).double()
+        x = torch.randn(10, 2, dtype=torch.float64, requires_grad=True)
+        ctx = torch.randn(10, 1, dtype=torch.float64, requires_grad=True)
+        grads = []
+        for adjoint in (False, True):
+            flow = ContinuousFlow(net, trace=trace, adjoint=adjoint, rtol=1e-9, atol=1e-9)
+            torch.manual_seed(3)  # same Hutchinson probes
+            z, ladj = flow(x, ctx)
+            loss = (ladj - 0.5 * z.pow(2).sum(-1)).sum()
+            grads.append(torch.autograd.grad(loss, [x, ctx, *net.parameters()]))
+            if adjoint:
+                assert flow.nfe_backward > 0
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def test_gradients_in_eval_mode(self):
+        flow = ContinuousFlow(ODENet(2, (8,), zero_init=False)).eval()
+        _, ladj = flow(torch.randn(4, 2))
+        ladj.sum().backward()
+        assert all(p.grad is not None for p in flow.parameters())
+
+    def test_state_dict_round_trip(self):
+        a = ContinuousFlow(ODENet(2, (8, 8), zero_init=False))
+        b = ContinuousFlow(ODENet(2, (8, 8)))
+        b.load_state_dict(a.state_dict())
+        x = torch.randn(5, 2)
+        torch.testing.assert_close(a(x)[1], b(x)[1])
