@@ -146,12 +146,26 @@ class ODENet(nn.Module):
         return torch.addmm(b, h, w.t()), layers, pre
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return self._hidden(t, x, context)[0]
+        """``t`` is 0-d during a solve, or one time per row, shape ``(N,)`` or ``(N, 1)``,
+        for simulation-free training (flow matching)."""
+        if t.dim() == 0:
+            return self._hidden(t, x, context)[0]
+        t = t.reshape(-1, 1)
+        gates = torch.sigmoid(torch.addcmul(self.time_gate_bias, self.time_gate, t)).split(self._splits, -1)
+        shifts = (self.time_shift * t).split(self._splits, -1)
+        h = x if context is None else torch.cat((x, context), dim=-1)
+        for i, (lin, g, s) in enumerate(zip(self.linears, gates, shifts)):
+            h = torch.addcmul(s, lin(h), g)
+            if i < len(self.linears) - 1:
+                h = self._act(h)
+        return h
 
     def divergence(
         self, t: Tensor, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """The field and its exact divergence :math:`\\mathrm{tr}(\\partial f / \\partial x)`."""
+        if t.dim() != 0:
+            raise ValueError(f"divergence takes a 0-d time, got shape {tuple(t.shape)}")
         f, layers, pre = self._hidden(t, x, context)
         d = self.input_dim
         w_in = layers[0][0][:, :d]  # only the x-columns of the first layer enter the Jacobian

@@ -63,9 +63,9 @@ class ConditionedCNF(Transform):
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
         """``log|det dx/dz|`` of the base -> data map, shape = batch shape."""
         z_old, x_old = getattr(self, "_cached_x_y", (None, None))
-        if self._cached_ladj is None or z is not z_old or x is not x_old:
-            _, self._cached_ladj = self.flow(z, self.context, reverse=True)
-        return self._cached_ladj
+        if self._cached_ladj is not None and z is z_old and x is x_old:
+            return self._cached_ladj
+        return self.flow(z, self.context, reverse=True)[1]  # leaves the cached pair intact
 
     def with_cache(self, cache_size: int = 1) -> ConditionedCNF:
         if cache_size == self._cache_size:

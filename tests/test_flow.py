@@ -102,6 +102,14 @@ class TestClosedFormDivergence:
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
+def test_per_row_time_matches_scalar_time():
+    net = ODENet(3, (8, 8), context_dim=2, zero_init=False)
+    x, c, t = torch.randn(5, 3), torch.randn(5, 2), torch.rand(5)
+    rows = torch.cat([net(t[i], x[i : i + 1], c[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(net(t, x, c), rows)
+    torch.testing.assert_close(net(t[:, None], x, c), rows)
+
+
 class TestEstimators:
     def test_auto_picks_closed_form_and_never_touches_state_dict(self):
         flow = ContinuousFlow(ODENet(16, (8, 8)))

@@ -1,0 +1,206 @@
+"""The Pyro adapters: conventions, caching (one solve per SVI step), SVI, conditioning."""
+
+from functools import partial
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions.transforms import iterated
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormalizingFlow
+
+import pyro_cnf
+from pyro_cnf import CNF, CNFTransform, ConditionalCNF, ContinuousFlow, ODENet, cnf
+from tests.fields import LinearField, random_matrix
+
+
+def base(d, dtype=torch.float32):
+    return dist.Normal(torch.zeros(d, dtype=dtype), torch.ones(d, dtype=dtype)).to_event(1)
+
+
+def small_cnf(d=2, context_dim=0, **kw):
+    torch.manual_seed(0)
+    field = ODENet(d, (16, 16), context_dim=context_dim, zero_init=False)
+    return ContinuousFlow(field, **kw)
+
+
+class SolveCounter:
+    """Counts calls of ContinuousFlow.forward (one call = one ODE solve)."""
+
+    def __init__(self, flow, monkeypatch):
+        self.calls = 0
+        original = flow.forward
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(flow, "forward", counted)
+
+
+class TestConventions:
+    def test_is_a_transform_module(self):
+        t = CNF(3)
+        assert isinstance(t, pyro.distributions.torch_transform.TransformModule)
+        assert t.event_dim == 1 and t.bijective
+        assert t.domain == t.codomain == torch.distributions.constraints.real_vector
+        assert isinstance(t.flow, ContinuousFlow)
+
+    def test_linear_field_maps_base_to_data(self):
+        A = random_matrix(3)
+        t = CNF(3, flow=ContinuousFlow(LinearField(A), trace="exact", rtol=1e-10, atol=1e-10))
+        z = torch.randn(4, 3, dtype=torch.float64)
+        x = t(z)
+        # base -> data runs t: T -> 0, i.e. x = expm(-A) z and log|det dx/dz| = -tr A
+        torch.testing.assert_close(x, z @ torch.linalg.matrix_exp(-A).t())
+        torch.testing.assert_close(t.log_abs_det_jacobian(z, x), (-torch.trace(A)).expand(4))
+        torch.testing.assert_close(t.inv(x), z)
+
+    def test_log_abs_det_jacobian_matches_slogdet(self):
+        t = CNF(2, flow=small_cnf(rtol=1e-10, atol=1e-10).double())
+        z = torch.randn(3, 2, dtype=torch.float64)
+        ladj = t.log_abs_det_jacobian(z, t(z))
+        for i in range(3):
+            jac = torch.autograd.functional.jacobian(lambda v: t.flow(v, reverse=True)[0], z[i])
+            torch.testing.assert_close(ladj[i], torch.linalg.slogdet(jac)[1], rtol=1e-7, atol=1e-7)
+
+    def test_transformed_distribution_log_prob(self):
+        t = CNF(2, flow=small_cnf())
+        d = dist.TransformedDistribution(base(2), [t])
+        x = torch.randn(6, 2)
+        z, ladj = t.flow(x)
+        torch.testing.assert_close(d.log_prob(x), base(2).log_prob(z) + ladj)
+
+    def test_sample_rsample_and_batch_shapes(self):
+        t = CNF(2, flow=small_cnf())
+        d = dist.TransformedDistribution(base(2), [t])
+        assert d.sample((3, 4)).shape == (3, 4, 2)
+        x = d.rsample((5,))
+        x.sum().backward()
+        assert all(p.grad is not None for p in t.parameters())
+        assert d.log_prob(torch.randn(3, 4, 2)).shape == (3, 4)
+
+    def test_density_integrates_to_one(self):
+        t = CNF(2, flow=small_cnf(rtol=1e-6, atol=1e-6))
+        d = dist.TransformedDistribution(base(2), [t])
+        grid = torch.linspace(-7, 7, 141)
+        xy = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+        with torch.no_grad():
+            mass = d.log_prob(xy).exp().sum() * (grid[1] - grid[0]) ** 2
+        assert abs(mass.item() - 1) < 0.01
+
+    def test_state_dict_round_trip(self):
+        a, b = CNF(2, flow=small_cnf()), CNF(2, hidden_dims=(16, 16))
+        b.load_state_dict(a.state_dict())
+        z = torch.randn(4, 2)
+        torch.testing.assert_close(a(z), b(z))
+
+    def test_same_density_as_nflows_adapter(self):
+        flow = small_cnf()
+        x = torch.randn(5, 2)
+        pyro_lp = dist.TransformedDistribution(base(2), [CNF(2, flow=flow)]).log_prob(x)
+        z, ladj = CNFTransform(2, flow=flow)(x)
+        torch.testing.assert_close(pyro_lp, base(2).log_prob(z) + ladj)
+
+    def test_iterated_and_with_cache(self):
+        t = iterated(2, cnf, 2, hidden_dims=[8])
+        lp = dist.TransformedDistribution(base(2), [t]).log_prob(torch.randn(3, 2))
+        assert lp.shape == (3,) and torch.isfinite(lp).all()
+        c = CNF(2)
+        uncached = c.with_cache(0)
+        assert uncached.flow is c.flow and uncached._cache_size == 0
+        z = torch.randn(2, 2)
+        torch.testing.assert_close(uncached.log_abs_det_jacobian(z, uncached(z)), c.log_abs_det_jacobian(z, c(z)))
+
+
+class TestOneSolve:
+    def test_rsample_then_log_prob_is_one_solve(self, monkeypatch):
+        t = CNF(2, flow=small_cnf())
+        counter = SolveCounter(t.flow, monkeypatch)
+        d = dist.TransformedDistribution(base(2), [t])
+        x = d.rsample((8,))
+        d.log_prob(x)
+        assert counter.calls == 1
+        d.log_prob(torch.randn(8, 2))  # data not produced by the flow: one inverse solve
+        assert counter.calls == 2
+
+    def test_log_abs_det_jacobian_recomputes_for_new_pair(self):
+        t = CNF(2, flow=small_cnf())
+        z1, z2 = torch.randn(3, 2), torch.randn(3, 2)
+        x1 = t(z1)
+        ladj1 = t.log_abs_det_jacobian(z1, x1)
+        x2 = t(z2)
+        torch.testing.assert_close(t.log_abs_det_jacobian(z1, x1), ladj1)  # not the cached z2 value
+        assert not torch.allclose(t.log_abs_det_jacobian(z2, x2), ladj1)
+
+    def test_svi_step_costs_one_solve(self, monkeypatch):
+        pyro.clear_param_store()
+        data = torch.randn(20) + 1
+
+        def model():
+            loc = pyro.sample("loc", dist.Normal(torch.zeros(2), 3.0).to_event(1))
+            with pyro.plate("data", 20):
+                pyro.sample("obs", dist.Normal(loc.sum(), 1.0), obs=data)
+
+        made = []
+
+        def factory(dim):
+            made.append(cnf(dim, hidden_dims=[8, 8]))
+            return made[-1]
+
+        guide = AutoNormalizingFlow(model, factory)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        svi.step()  # builds the guide
+        counter = SolveCounter(made[0].flow, monkeypatch)
+        svi.step()
+        assert counter.calls == 1
+
+
+@pytest.mark.slow
+def test_svi_with_auto_normalizing_flow_decreases_loss():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    data = torch.randn(50) * 0.5 + 2
+
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", len(data)):
+            pyro.sample("obs", dist.Normal(loc, scale), obs=data)
+
+    guide = AutoNormalizingFlow(model, partial(pyro_cnf.cnf, hidden_dims=[16, 16]))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 2e-2}), Trace_ELBO(num_particles=8, vectorize_particles=True))
+    losses = [svi.step() for _ in range(60)]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 5
+
+
+class TestConditional:
+    def test_condition_returns_caching_transform_with_the_contract(self, monkeypatch):
+        t = ConditionalCNF(2, 3, flow=small_cnf(context_dim=3))
+        ctx = torch.randn(3)
+        d = dist.ConditionalTransformedDistribution(base(2), [t]).condition(ctx)
+        counter = SolveCounter(t.flow, monkeypatch)
+        x = d.rsample((5,))
+        lp = d.log_prob(x)
+        assert counter.calls == 1 and lp.shape == (5,)
+        z, ladj = t.flow(x, ctx.expand(5, 3))
+        torch.testing.assert_close(lp, base(2).log_prob(z) + ladj)
+
+    def test_context_broadcasts_against_batch(self):
+        t = ConditionalCNF(2, 3, hidden_dims=(8,))
+        d = dist.ConditionalTransformedDistribution(base(2), [t])
+        ctx = torch.randn(4, 3)
+        assert d.condition(ctx).log_prob(torch.randn(4, 2)).shape == (4,)
+        assert d.condition(ctx).log_prob(torch.randn(2)).shape == (4,)
+        assert d.condition(ctx[0]).log_prob(torch.randn(6, 2)).shape == (6,)
+
+    def test_context_changes_the_density(self):
+        t = ConditionalCNF(2, 1, flow=small_cnf(context_dim=1))
+        d = dist.ConditionalTransformedDistribution(base(2), [t])
+        x = torch.randn(5, 2)
+        assert not torch.allclose(d.condition(torch.zeros(1)).log_prob(x), d.condition(torch.ones(1)).log_prob(x))
+
+    def test_conditional_factory(self):
+        t = pyro_cnf.conditional_cnf(2, 3, hidden_dims=[8])
+        assert isinstance(t, ConditionalCNF) and t.flow.vector_field.hidden_dims == (8,)
