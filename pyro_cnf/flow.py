@@ -390,7 +390,7 @@ class ContinuousFlow(nn.Module):
 
     def _solver_error(self, dynamics: _Dynamics, reverse: bool, reason: str) -> SolverError:
         direction = "base -> data (t: T -> 0)" if reverse else "data -> base (t: 0 -> T)"
-        reached = float("nan") if dynamics.t is None else float(dynamics.t)
+        reached = float("nan") if dynamics.t is None else float(dynamics.t.detach())
         return SolverError(
             f"ODE solve {direction} failed: {reason}; last t evaluated {reached:.4g}, "
             f"{dynamics.nfe} function evaluations, method={self.method!r}, rtol={self.rtol}, "
