@@ -123,6 +123,21 @@ class ODENet(nn.Module):
             nn.init.zeros_(self.linears[-1].weight)
             nn.init.zeros_(self.linears[-1].bias)
 
+    def get_extra_state(self) -> dict:
+        return {
+            "input_dim": self.input_dim,
+            "context_dim": self.context_dim,
+            "hidden_dims": self.hidden_dims,
+            "activation": self.activation,
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        """Refuse a checkpoint of another architecture with a message that names it."""
+        mine = self.get_extra_state()
+        diff = [f"{k}: checkpoint {state.get(k)!r}, this net {v!r}" for k, v in mine.items() if state.get(k) != v]
+        if diff:
+            raise ValueError("ODENet state_dict of a different configuration: " + "; ".join(diff))
+
     def _layers(self, t: Tensor) -> list[tuple[Tensor, Tensor]]:
         """The time-folded ``(W', b')`` of every layer at time ``t``."""
         gate = torch.sigmoid(torch.addcmul(self.time_gate_bias, self.time_gate, t))

@@ -130,3 +130,17 @@ def test_adapters_check_dimensions():
         CNF(2)(torch.randn(4, 3))
     with pytest.raises(ValueError, match="conditional"):
         ConditionalCNF(2, 3).condition(None)(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        (dict(input_dim=3, hidden_dims=(8,)), "input_dim: checkpoint 2, this net 3"),
+        (dict(input_dim=2, hidden_dims=(8, 8)), r"hidden_dims: checkpoint \(8,\), this net \(8, 8\)"),
+        (dict(input_dim=2, hidden_dims=(8,), activation="tanh"), "activation"),
+    ],
+)
+def test_mismatched_state_dict_names_the_mismatch(other, match):
+    saved = CNF(2, hidden_dims=(8,)).state_dict()
+    with pytest.raises(ValueError, match=match):
+        CNF(other.pop("input_dim"), **other).load_state_dict(saved)

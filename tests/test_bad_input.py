@@ -1,0 +1,79 @@
+"""Property-based bad input: every case returns finite results of the right shape and dtype,
+or raises ValueError/TypeError naming the argument; no input tensor is ever modified."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyro_cnf import CNF, CNFTransform, ConditionalCNF, ContinuousFlow, ODENet
+
+D, C = 2, 3
+FAST = dict(method="rk4", steps=2)
+DTYPES = [torch.float16, torch.float32, torch.float64, torch.int64, torch.bool]
+
+
+def make(kind: str):
+    torch.manual_seed(0)
+    conditional = kind in ("conditional_flow", "conditional_cnf", "conditional_nflows")
+    flow = ContinuousFlow(ODENet(D, (8,), context_dim=C if conditional else 0, zero_init=False), **FAST)
+    if kind in ("flow", "conditional_flow"):
+        return lambda x, c, reverse: flow(x, c, reverse=reverse)
+    if kind == "cnf":
+        t = CNF(D, flow=flow)
+        return lambda x, c, reverse: (t(x), t.log_abs_det_jacobian(x, t(x))) if reverse else (t.inv(x), None)
+    if kind == "conditional_cnf":
+        t = ConditionalCNF(D, C, flow=flow)
+        return lambda x, c, reverse: (t.condition(c)(x), None) if reverse else (t.condition(c).inv(x), None)
+    t = CNFTransform(D, context_dim=C if conditional else None, flow=flow)
+    return lambda x, c, reverse: t.inverse(x, c) if reverse else t(x, c)
+
+
+KINDS = ["flow", "conditional_flow", "cnf", "conditional_cnf", "nflows", "conditional_nflows"]
+CALLS = {kind: make(kind) for kind in KINDS}
+
+
+@st.composite
+def tensors(draw, last):
+    batch = draw(st.lists(st.integers(0, 3), min_size=0, max_size=2))
+    size = draw(st.sampled_from([last, last, last, last + 1, 1]))
+    dtype = draw(st.sampled_from(DTYPES))
+    x = torch.randn(*batch, size, dtype=torch.float64)
+    if x.numel() and draw(st.booleans()):
+        x.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf")]))
+    x = x.to(dtype)
+    layout = draw(st.sampled_from(["contiguous", "transposed", "expanded"]))
+    if layout == "transposed" and x.dim() >= 2:
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    elif layout == "expanded" and x.dim() >= 1:
+        x = x[..., :1, :].expand_as(x) if x.dim() >= 2 and x.shape[-2] > 0 else x
+    return x
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(KINDS), x=tensors(D), c=tensors(C), reverse=st.booleans(), with_context=st.booleans())
+def test_bad_input_is_refused_or_handled(kind, x, c, reverse, with_context):
+    context = c if with_context else None
+    before = [x.clone()] + ([context.clone()] if context is not None else [])
+    try:
+        y, ladj = CALLS[kind](x, context, reverse)
+    except (ValueError, TypeError) as error:
+        assert any(word in str(error) for word in ("x", "inputs", "context", "shape")), str(error)
+    else:
+        # accepted: the input was valid and the output is finite, with the right shape and dtype
+        assert x.dtype in (torch.float32, torch.float64) and x.shape[-1] == D
+        assert torch.isfinite(x).all()
+        assert y.dtype == x.dtype and y.shape[-1] == D and torch.isfinite(y).all()
+        if ladj is not None:
+            assert ladj.shape == y.shape[:-1] and torch.isfinite(ladj).all()
+    after = [x] + ([context] if context is not None else [])
+    for a, b in zip(before, after):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), "an input was modified"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_batch_returns_empty(kind):
+    ctx = torch.zeros(0, C) if kind.startswith("conditional") else None
+    y, ladj = CALLS[kind](torch.zeros(0, D), ctx, False)
+    assert y.shape == (0, D)
+    assert ladj is None or ladj.shape == (0,)
