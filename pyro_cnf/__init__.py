@@ -4,7 +4,7 @@ The core (:class:`ContinuousFlow`, :class:`ODENet`) imports neither; :class:`CNF
 :class:`ConditionalCNF` and the factories adapt it to Pyro, :class:`CNFTransform` to nflows.
 """
 
-from .flow import AUTO_EXACT_MAX_DIM, ContinuousFlow, SolverError
+from .flow import AUTO_EXACT_MAX_DIM, ContinuousFlow, SolverError, default_flow
 from .nets import ACTIVATIONS, ODENet
 from .nflows_transform import CNFTransform
 from .pyro_transforms import CNF, ConditionalCNF, ConditionedCNF, cnf, conditional_cnf
@@ -21,4 +21,5 @@ __all__ = [
     "SolverError",
     "cnf",
     "conditional_cnf",
+    "default_flow",
 ]

@@ -20,15 +20,17 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from .nets import ODENet
 from .trace import exact_divergence, hutchinson_divergence, identity_basis, probe_noise
 
-__all__ = ["ContinuousFlow", "SolverError", "AUTO_EXACT_MAX_DIM"]
+__all__ = ["ContinuousFlow", "SolverError", "AUTO_EXACT_MAX_DIM", "default_flow"]
 
 ADAPTIVE_METHODS = frozenset({"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"})
 FIXED_METHODS = frozenset(
@@ -397,3 +399,27 @@ class ContinuousFlow(nn.Module):
             f"atol={self.atol}. Try looser tolerances, regularize=True or weight decay to tame "
             "the field, or a fixed-grid method (method='rk4', steps=8)."
         )
+
+
+def default_flow(
+    input_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    context_dim: int = 0,
+    *,
+    activation: str = "softplus",
+    zero_init: bool = True,
+    **flow_kwargs: Any,
+) -> ContinuousFlow:
+    """A :class:`ContinuousFlow` over an :class:`~pyro_cnf.ODENet` field, as the adapters build it.
+
+    ``hidden_dims`` defaults to ``(64, 64)``; ``activation`` and ``zero_init`` go to the
+    field, everything else to the flow.
+
+    Example:
+        >>> flow = default_flow(3, (16,), activation="tanh", method="rk4", steps=4)
+        >>> flow.vector_field.activation, flow.method
+        ('tanh', 'rk4')
+    """
+    hidden = (64, 64) if hidden_dims is None else hidden_dims
+    field = ODENet(input_dim, hidden, context_dim, activation=activation, zero_init=zero_init)
+    return ContinuousFlow(field, **flow_kwargs)

@@ -8,8 +8,7 @@ from typing import Any
 from nflows.transforms.base import Transform
 from torch import Tensor
 
-from .flow import ContinuousFlow
-from .nets import ODENet
+from .flow import ContinuousFlow, default_flow
 
 __all__ = ["CNFTransform"]
 
@@ -26,7 +25,8 @@ class CNFTransform(Transform):
         hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field.
         context_dim: The context dimension for a conditional flow, or ``None``.
         flow: A :class:`~pyro_cnf.ContinuousFlow` to wrap instead of building one.
-        **flow_kwargs: Passed to :class:`~pyro_cnf.ContinuousFlow`.
+        **flow_kwargs: ``activation`` and ``zero_init`` for the field, the rest for
+            :class:`~pyro_cnf.ContinuousFlow`.
 
     Example:
         >>> from nflows.distributions import StandardNormal
@@ -47,8 +47,7 @@ class CNFTransform(Transform):
     ) -> None:
         super().__init__()
         if flow is None:
-            field = ODENet(input_dim, hidden_dims, context_dim=context_dim or 0)
-            flow = ContinuousFlow(field, **flow_kwargs)
+            flow = default_flow(input_dim, hidden_dims, context_dim or 0, **flow_kwargs)
         elif flow_kwargs:
             raise ValueError(f"pass either flow= or flow settings, not both (got {sorted(flow_kwargs)})")
         if flow.input_dim not in (None, input_dim):

@@ -18,17 +18,9 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-from .flow import ContinuousFlow
-from .nets import ODENet
+from .flow import ContinuousFlow, default_flow
 
 __all__ = ["CNF", "ConditionalCNF", "ConditionedCNF", "cnf", "conditional_cnf"]
-
-
-def _default_flow(
-    input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None, flow_kwargs: dict[str, Any]
-) -> ContinuousFlow:
-    hidden = (64, 64) if hidden_dims is None else hidden_dims
-    return ContinuousFlow(ODENet(input_dim, hidden, context_dim=context_dim), **flow_kwargs)
 
 
 class ConditionedCNF(Transform):
@@ -80,8 +72,8 @@ class CNF(ConditionedCNF, TransformModule):
         input_dim: The event dimension ``d``.
         hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field.
         flow: A :class:`~pyro_cnf.ContinuousFlow` to wrap instead of building one.
-        **flow_kwargs: Passed to :class:`~pyro_cnf.ContinuousFlow` (``trace``, ``method``,
-            ``rtol``, ``atol``, ``adjoint``, ...).
+        **flow_kwargs: ``activation`` and ``zero_init`` for the field, the rest for
+            :class:`~pyro_cnf.ContinuousFlow` (``trace``, ``method``, ``rtol``, ``adjoint``, ...).
 
     Example:
         >>> import pyro.distributions as dist
@@ -103,7 +95,7 @@ class CNF(ConditionedCNF, TransformModule):
         **flow_kwargs: Any,
     ) -> None:
         if flow is None:
-            flow = _default_flow(input_dim, 0, hidden_dims, flow_kwargs)
+            flow = default_flow(input_dim, hidden_dims, **flow_kwargs)
         elif flow_kwargs:
             raise ValueError(f"pass either flow= or flow settings, not both (got {sorted(flow_kwargs)})")
         if flow.input_dim not in (None, input_dim):
@@ -143,7 +135,7 @@ class ConditionalCNF(ConditionalTransformModule):
     ) -> None:
         super().__init__()
         if flow is None:
-            flow = _default_flow(input_dim, context_dim, hidden_dims, flow_kwargs)
+            flow = default_flow(input_dim, hidden_dims, context_dim, **flow_kwargs)
         elif flow_kwargs:
             raise ValueError(f"pass either flow= or flow settings, not both (got {sorted(flow_kwargs)})")
         self.input_dim = input_dim
