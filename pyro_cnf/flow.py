@@ -82,6 +82,8 @@ class _Dynamics:
             self._rhs = self._field_only
         elif mode == "closed" and reg_probe is None:
             self._rhs = self._closed_form
+        elif mode in ("closed", "hutchinson") and hasattr(field, "jvp"):
+            self._rhs = self._forward_mode
         else:
             self._rhs = self._autograd
 
@@ -105,6 +107,19 @@ class _Dynamics:
         x = state[0]
         f, div = self.field.divergence(t, x, *self.args)
         return self._checked(f, x), div
+
+    def _forward_mode(self, t: Tensor, state: tuple[Tensor, ...]):
+        x = state[0]
+        if self.mode == "closed":  # regularised: the Frobenius probe needs a JVP as well
+            f, div = self.field.divergence(t, x, *self.args)
+            jv = self.field.jvp(t, x, self.reg_probe, *self.args)[1]
+        else:
+            f, jv = self.field.jvp(t, x, self.probe, *self.args)
+            div = (jv * self.probe).sum(-1)
+        self._checked(f, x)
+        if self.reg_probe is None:
+            return f, div
+        return f, div, f.pow(2).sum(-1), jv.pow(2).sum(-1)
 
     def _autograd(self, t: Tensor, state: tuple[Tensor, ...]):
         x = state[0]
@@ -139,7 +154,9 @@ class ContinuousFlow(nn.Module):
 
     Arguments:
         vector_field: A module ``f(t, x)`` or ``f(t, x, context)`` returning a tensor shaped
-            like ``x``; ``divergence(t, x[, context]) -> (f, div)`` is used when present.
+            like ``x``; ``divergence(t, x[, context]) -> (f, div)`` and
+            ``jvp(t, x, v[, context]) -> (f, J v)`` are used when present (see
+            :mod:`pyro_cnf.nets`), autograd otherwise.
         T: The end time.
         trace: ``"exact"``, ``"hutchinson"`` or ``"auto"``. Auto is exact when the field has
             a closed-form divergence, in eval mode, or when ``d <= AUTO_EXACT_MAX_DIM``;

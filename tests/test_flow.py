@@ -85,6 +85,30 @@ class TestClosedFormDivergence:
         torch.testing.assert_close(f, net(t, x, *ctx))
         torch.testing.assert_close(div, torch.diagonal(jac, dim1=0, dim2=2).sum(-1), rtol=1e-10, atol=1e-10)
 
+    @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+    @pytest.mark.parametrize("hidden", [(), (7,), (6, 5), (5, 4, 6)])
+    def test_jvp_equals_autograd(self, activation, hidden):
+        torch.manual_seed(len(hidden))
+        net = ODENet(3, hidden, 2, activation=activation, zero_init=False).double()
+        x, v, c = (torch.randn(6, k, dtype=torch.float64) for k in (3, 3, 2))
+        t = torch.tensor(0.8, dtype=torch.float64)
+        f, jv = net.jvp(t, x, v, c)
+        _, expected = torch.func.jvp(lambda y: net(t, y, c), (x,), (v,))
+        torch.testing.assert_close(jv, expected, rtol=1e-10, atol=1e-10)
+
+    def test_forward_mode_hutchinson_equals_autograd_hutchinson(self):
+        torch.manual_seed(0)
+        net = ODENet(3, (8, 8), zero_init=False).double()
+        x = torch.randn(5, 3, dtype=torch.float64)
+        results = []
+        for field in (net, NoDivergence(net)):
+            flow = ContinuousFlow(field, trace="hutchinson", regularize=True, **TIGHT)
+            torch.manual_seed(4)
+            z, ladj = flow(x)
+            results.append((z, ladj, flow.kinetic_energy))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
+
     @pytest.mark.parametrize("hidden", [(5,), (5, 4), (4, 3, 5)])
     def test_parameter_gradients_equal_autograd_path(self, hidden):
         torch.manual_seed(1)
