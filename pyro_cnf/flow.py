@@ -233,7 +233,7 @@ class ContinuousFlow(nn.Module):
         self.kinetic_energy: Tensor | None = None
         self.jacobian_norm: Tensor | None = None
         self._dynamics: _Dynamics | None = None
-        self._solver_options(torch.float32)  # fail at construction on bad settings
+        self._solver_options(torch.zeros(2))  # fail at construction on bad settings
 
     @property
     def input_dim(self) -> int | None:
@@ -259,7 +259,8 @@ class ContinuousFlow(nn.Module):
             return "exact"
         return "hutchinson"
 
-    def _solver_options(self, dtype: torch.dtype) -> dict[str, Any]:
+    def _solver_options(self, t: Tensor) -> dict[str, Any]:
+        """torchdiffeq options for a solve over the time points ``t`` (first, last)."""
         options = dict(self.options)
         if self.error_norm == "per_sample":
             options["norm"] = _per_sample_norm
@@ -269,7 +270,10 @@ class ContinuousFlow(nn.Module):
             if self.steps is not None:
                 raise ValueError(f"steps applies to fixed-grid methods only; {self.method!r} is adaptive")
             options.setdefault("max_num_steps", DEFAULT_MAX_STEPS)
-            options.setdefault("dtype", dtype)
+            options.setdefault("dtype", t.dtype)
+            # Land the last step on the end time instead of stepping past it and reading a
+            # dense-output interpolant there, whose error the tolerances do not control.
+            options.setdefault("step_t", t[-1:])
         elif self.method in FIXED_METHODS:
             if self.steps is not None:
                 if int(self.steps) != self.steps or self.steps < 1:
@@ -378,7 +382,7 @@ class ContinuousFlow(nn.Module):
         state = x if mode == "none" else (x, zeros) + ((zeros, zeros) if regularize else ())
         t = torch.tensor([self.T, 0.0] if reverse else [0.0, self.T], dtype=x.dtype, device=x.device)
         kwargs: dict[str, Any] = dict(
-            rtol=self.rtol, atol=self.atol, method=self.method, options=self._solver_options(x.dtype)
+            rtol=self.rtol, atol=self.atol, method=self.method, options=self._solver_options(t)
         )
         if self.adjoint:
             params = tuple(p for p in self.parameters() if p.requires_grad)
