@@ -75,6 +75,17 @@ def all_targets(results: dict) -> str:
         rows += [["W2 " + line.split(":")[0], "MET" if "MET" in line and "NOT MET" not in line else
                   ("NOT MET" if "NOT MET" in line else "-"), line.split(":", 1)[1].strip()]
                  for line in w2_verdicts(results["W2"])]
+    if "W4" in results:
+        by = {r["run"]: r for r in results["W4"]["runs"]}
+        exact, hutch = by.get("pyro_cnf_dopri5"), by.get("pyro_cnf_hutch")
+        if exact and hutch:
+            rows.append(["W4 (issue 7): exact closed-form trace trains to a lower held-out NLL than Hutchinson",
+                         _met(exact["nll_y"] < hutch["nll_y"]),
+                         f"{exact['nll_y']:.1f} vs {hutch['nll_y']:.1f} nats/image ({exact['steps']} vs {hutch['steps']} steps)"])
+        for peer in ("zuko", "maf"):
+            if exact and peer in by:
+                rows.append([f"W4: pyro_cnf (exact) NLL below {peer}'s", _met(exact["nll_y"] < by[peer]["nll_y"]),
+                             f"{exact['nll_y']:.1f} vs {by[peer]['nll_y']:.1f} nats/image"])
     if "MEM" in results:
         from memory import memory_verdict
 
