@@ -48,19 +48,21 @@ def _int_at_least(low: int):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+def _float_above(low: float, inclusive: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected a number {'>=' if inclusive else '>'} {low:g}, got {text}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    value = _positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
-    return value
+_positive = _float_above(0.0, inclusive=False)
+_non_negative = _float_above(0.0, inclusive=True)
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -73,6 +75,15 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the ones resolved at run time (``None``) and flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The demo's command line; every option documents itself in ``--help``."""
     parser = argparse.ArgumentParser(
@@ -82,29 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
             "(or flow matching), then print its held-out NLL by the exact ODE likelihood next to the "
             "true density's NLL and write a picture, metrics.json and a checkpoint to --out."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     add = parser.add_argument
     add("--dataset", default="checkerboard", choices=datasets.NAMES, help="the toy density")
     add("--steps", type=_int_at_least(0), default=2000, help="optimiser steps in all (a resumed run counts the "
         "steps already done)")
     add("--batch-size", type=_int_at_least(1), default=512, help="training samples per step, fresh every step")
-    add("--lr", type=_positive_float, default=5e-3, help="Adam's learning rate")
-    add("--hidden", type=_widths, default=(64, 64), help="hidden widths of the ODENet vector field, e.g. 64,64")
+    add("--lr", type=_positive, default=5e-3, help="Adam's learning rate")
+    add("--hidden", type=_widths, default="64,64", help="hidden widths of the ODENet vector field, e.g. 64,64")
     add("--trace", default="auto", choices=("auto", "exact", "hutchinson"),
         help="log-det estimator while training (auto and exact use ODENet's closed-form trace)")
-    add("--method", default="rk4", choices=sorted(ADAPTIVE_METHODS | FIXED_METHODS),
-        help="ODE solver while training; fixed-grid methods take --ode-steps steps")
+    add("--method", default="rk4", choices=sorted(ADAPTIVE_METHODS | FIXED_METHODS), metavar="METHOD",
+        help="torchdiffeq solver while training: fixed-grid (taking --ode-steps steps) "
+        f"{', '.join(sorted(FIXED_METHODS))}; adaptive (taking --rtol, --atol) {', '.join(sorted(ADAPTIVE_METHODS))}")
     add("--ode-steps", type=_int_at_least(1), default=8, help="steps over [0, T] of a fixed-grid --method")
-    add("--rtol", type=_positive_float, default=1e-3, help="relative tolerance of an adaptive --method")
-    add("--atol", type=_positive_float, default=1e-3, help="absolute tolerance of an adaptive --method")
-    add("--lambda-kinetic", type=_non_negative_float, default=0.0, help="RNODE kinetic-energy penalty (mle)")
-    add("--lambda-jacobian", type=_non_negative_float, default=0.0, help="RNODE Jacobian-norm penalty (mle)")
+    add("--rtol", type=_positive, default=1e-3, help="relative tolerance of an adaptive --method")
+    add("--atol", type=_positive, default=1e-3, help="absolute tolerance of an adaptive --method")
+    add("--lambda-kinetic", type=_non_negative, default=0.0, help="RNODE kinetic-energy penalty (mle)")
+    add("--lambda-jacobian", type=_non_negative, default=0.0, help="RNODE Jacobian-norm penalty (mle)")
     add("--objective", default="mle", choices=OBJECTIVES,
         help="mle: exact maximum likelihood through the ODE solve; flow_matching: simulation-free "
         "regression of the field (conditional OT path), no solve while training")
     add("--seed", type=int, default=0, help="seeds the initial weights and every step's data")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     add("--out", type=Path, default=Path("out/demo"), help="output directory (created if needed)")
     add("--resume", action="store_true", help="continue from --out/checkpoint.pt up to --steps")
     add("--checkpoint-every", type=_int_at_least(1), default=250, help="save a checkpoint every this many steps")
@@ -112,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out NLL of --eval-every-size samples every this many steps (0: never)")
     add("--eval-every-size", type=_int_at_least(1), default=2000, help="samples of the periodic held-out NLL")
     add("--eval-size", type=_int_at_least(1), default=20000, help="held-out samples of the final NLL")
-    add("--eval-tol", type=_positive_float, default=1e-6,
+    add("--eval-tol", type=_positive, default=1e-6,
         help="rtol = atol of the dopri5 solves of every held-out NLL (exact trace)")
     add("--plot-grid", type=_int_at_least(2), default=150, help="the density panel's grid is N x N")
     add("--plot-samples", type=_int_at_least(1), default=20000, help="model samples in the picture")
@@ -121,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+def _device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
