@@ -172,6 +172,7 @@ class ContinuousFlow(nn.Module):
         options: Passed to torchdiffeq (``max_num_steps`` defaults to 1000; time runs in
             the input's dtype).
         adjoint_options: Passed to torchdiffeq for the adjoint solve; default seminorm.
+            Fixed-grid methods integrate the adjoint on the forward's grid.
         error_norm: ``"mixed"`` (torchdiffeq's RMS per state component, pooled over the
             batch) or ``"per_sample"`` (worst sample's RMS: a sample's log-density no
             longer depends on its batch-mates beyond the tolerance).
@@ -388,7 +389,12 @@ class ContinuousFlow(nn.Module):
             params = tuple(p for p in self.parameters() if p.requires_grad)
             if context is not None and context.requires_grad:
                 params += (context,)
-            kwargs.update(adjoint_params=params, adjoint_options=self.adjoint_options)
+            adjoint_options = dict(self.adjoint_options)
+            if self.method in FIXED_METHODS:  # else torchdiffeq takes the adjoint in ONE step
+                for key in ("grid_constructor", "step_size"):
+                    if key in kwargs["options"] and "step_size" not in adjoint_options:
+                        adjoint_options.setdefault(key, kwargs["options"][key])
+            kwargs.update(adjoint_params=params, adjoint_options=adjoint_options)
         self._dynamics = dynamics
         try:
             solution = (odeint_adjoint if self.adjoint else odeint)(dynamics, state, t, **kwargs)

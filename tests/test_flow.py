@@ -291,6 +291,21 @@ class TestGradients:
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
+    def test_fixed_grid_adjoint_uses_the_forward_grid(self):
+        torch.manual_seed(0)
+        net = ODENet(3, (16, 16), zero_init=False).double()
+        with torch.no_grad():
+            net.time_gate.mul_(10)
+        x = torch.randn(8, 3, dtype=torch.float64)
+        grads = []
+        for adjoint in (False, True):
+            flow = ContinuousFlow(net, method="rk4", steps=6, adjoint=adjoint)
+            z, ladj = flow(x)
+            grads.append(torch.autograd.grad((ladj - 0.5 * z.pow(2).sum(-1)).sum(), list(net.parameters())))
+        assert flow.nfe_backward == 4 * 6
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
     def test_gradients_in_eval_mode(self):
         flow = ContinuousFlow(ODENet(2, (8,), zero_init=False)).eval()
         _, ladj = flow(torch.randn(4, 2))
