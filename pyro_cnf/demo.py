@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import datasets
+from . import datasets, distributed
 from .flow import ADAPTIVE_METHODS, FIXED_METHODS, ContinuousFlow
 from .nets import ODENet
 from .train import OBJECTIVES, Trainer, TrainingError, step_seed
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the exit status (bad arguments exit 2 through argparse)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = _device(parser, args.device)
+    device = distributed.setup(_device(parser, args.device))  # joins torchrun's process group, if any
     _out_dir(parser, args.out)
     checkpoint = args.out / "checkpoint.pt"
     config = _config(args)
@@ -226,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.resume:
         trainer.resume()
-        print(f"resumed from {checkpoint} at step {trainer.step}")
+        if distributed.is_main():
+            print(f"resumed from {checkpoint} at step {trainer.step}")
     first = trainer.step
     try:
         trainer.fit(args.steps)
@@ -240,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trained = time.perf_counter()
 
     held_out_nll = trainer.evaluate(held_out)
+    if not distributed.is_main():  # rank 0 reports, draws and writes
+        return 0
     true = datasets.true_log_prob(args.dataset, held_out)
     true_nll = None if true is None else -true.double().mean().item()
     solver = f"dopri5, exact trace, rtol=atol={args.eval_tol:g}"
@@ -282,4 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        distributed.teardown()
