@@ -3,7 +3,8 @@
 :func:`progress_loop`, :func:`fit_density` and :func:`nll` are the small shared helpers
 the examples use; :class:`Trainer` is the demo's resumable trainer of a
 :class:`~pyro_cnf.ContinuousFlow` density (maximum likelihood, optionally RNODE-regularised,
-or flow matching) with atomic checkpoints.
+or flow matching) with atomic checkpoints, data-parallel under ``torchrun`` (see
+:mod:`pyro_cnf.distributed`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import distributed
 from .flow import ContinuousFlow, SolverError
 
 __all__ = [
@@ -242,6 +245,47 @@ class TrainingError(RuntimeError):
         self.checkpoint_step = checkpoint_step
 
 
+class _Objective(nn.Module):
+    """The loss of one training step as a module, so that DistributedDataParallel wraps it
+    whole.
+
+    DDP averages the gradients in hooks that its ``forward`` arms for the next backward.
+    With the whole loss inside one DDP ``forward`` a step is one forward and one backward,
+    whatever the flow calls meanwhile (the field's ``forward``, ``divergence`` and ``jvp``,
+    the adjoint solve's vector-Jacobian products), and the flow and its field stay as they
+    are; DDP around the field alone would see only the calls that go through its ``forward``.
+    """
+
+    def __init__(self, flow: ContinuousFlow, objective: str, lambda_kinetic: float, lambda_jacobian: float) -> None:
+        super().__init__()
+        self.flow = flow
+        self.objective = objective
+        self.lambda_kinetic = lambda_kinetic
+        self.lambda_jacobian = lambda_jacobian
+        self.penalised = bool(lambda_kinetic or lambda_jacobian)
+        if objective == "flow_matching":
+            self.metric_names: tuple[str, ...] = ("loss",)
+        else:
+            self.metric_names = ("loss", "nll", "nfe") + (("kinetic", "jacobian") if self.penalised else ())
+
+    def forward(self, x: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The loss of the rows ``x`` (shape ``(n, d)``) and its metrics, a detached vector
+        in the order of :attr:`metric_names`. Flow matching takes the rows' times ``t``,
+        shape ``(n, 1)``, and base samples ``noise``, shape ``(n, d)``."""
+        if self.objective == "flow_matching":
+            from .flow_matching import flow_matching_loss
+
+            loss = flow_matching_loss(self.flow.vector_field, x, T=self.flow.T, t=t, noise=noise)
+            return loss, loss.detach().reshape(1)
+        nll_batch = -flow_log_prob(self.flow, x).mean()
+        loss, penalties = nll_batch, []
+        if self.penalised:
+            penalties = [self.flow.kinetic_energy.mean(), self.flow.jacobian_norm.mean()]
+            loss = nll_batch + self.lambda_kinetic * penalties[0] + self.lambda_jacobian * penalties[1]
+        nfe = nll_batch.new_tensor(float(self.flow.nfe))
+        return loss, torch.stack([loss, nll_batch, nfe, *penalties]).detach()
+
+
 class Trainer:
     """Resumable training of a :class:`~pyro_cnf.ContinuousFlow` density with a standard
     normal base, under one progress bar, with atomic checkpoints.
@@ -264,9 +308,23 @@ class Trainer:
     batch and counts it in :attr:`skipped`. A NaN or infinite loss always stops with
     :class:`TrainingError` naming the step, without saving.
 
+    Data parallel: built inside a process group of several ranks (``torchrun``, see
+    :mod:`pyro_cnf.distributed`), the trainer wraps the step's loss in
+    ``DistributedDataParallel``. ``batches(step)`` must give the same global batch on every
+    rank (as a function of the step alone does); each rank trains on its slice (the batch
+    size must be a multiple of the number of ranks), and flow matching draws its times and
+    base samples for the global batch before slicing, so ``N`` ranks take the steps of one
+    process exactly (fixed-grid solvers; adaptive ones within their tolerances, since the
+    step sizes follow the errors of each slice). Hutchinson and RNODE probes are drawn per
+    rank (:func:`~pyro_cnf.distributed.rank_random_stream`). The metrics are the means
+    over ranks, a solver failure on any rank is a failure on all, held-out NLLs are
+    computed over the ranks' slices of the data, only rank 0 saves and shows a progress
+    bar, and checkpoints resume under any number of ranks.
+
     Arguments:
         flow: The density to train.
-        batches: ``step -> data``, shape ``(B, d)``, moved to the flow's device and dtype.
+        batches: ``step -> data``, shape ``(B, d)``, moved to the flow's device and dtype;
+            the global batch, of which each rank takes its slice.
         objective: One of :data:`OBJECTIVES`.
         lr, weight_decay: Adam's settings.
         lambda_kinetic, lambda_jacobian: RNODE weights (``"mle"`` only).
@@ -290,7 +348,9 @@ class Trainer:
     Example:
         >>> from pyro_cnf import ODENet
         >>> flow = ContinuousFlow(ODENet(2, (8,)), method="rk4", steps=2)
-        >>> trainer = Trainer(flow, lambda step: torch.randn(32, 2) + 1.0, lr=1e-2, disable=True)
+        >>> def batches(step):  # the data of a step depend on the step alone
+        ...     return torch.randn(32, 2, generator=torch.Generator().manual_seed(step_seed(0, step))) + 1.0
+        >>> trainer = Trainer(flow, batches, lr=1e-2, disable=True)
         >>> history = trainer.fit(20)
         >>> trainer.step, history[-1]["loss"] < history[0]["loss"]
         (20, True)
@@ -327,8 +387,7 @@ class Trainer:
                 f"the RNODE weights must be >= 0, got lambda_kinetic={lambda_kinetic}, "
                 f"lambda_jacobian={lambda_jacobian}"
             )
-        self.penalised = bool(lambda_kinetic or lambda_jacobian)
-        if self.penalised and (objective != "mle" or not flow.regularize):
+        if (lambda_kinetic or lambda_jacobian) and (objective != "mle" or not flow.regularize):
             raise ValueError(
                 "the RNODE penalty needs objective='mle' and a flow built with regularize=True, "
                 f"got objective={objective!r}, regularize={flow.regularize}"
@@ -342,8 +401,12 @@ class Trainer:
         self.flow = flow
         self.batches = batches
         self.objective = objective
-        self.lambda_kinetic = lambda_kinetic
-        self.lambda_jacobian = lambda_jacobian
+        self._loss = _Objective(flow, objective, lambda_kinetic, lambda_jacobian)
+        # the module whose forward the step calls: the loss, or DDP around it
+        self._step_loss: nn.Module = self._loss
+        if distributed.is_distributed():
+            device = self._like.device
+            self._step_loss = DistributedDataParallel(self._loss, device_ids=[device] if device.type == "cuda" else None)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.checkpoint_every = checkpoint_every
         self.eval_data = eval_data
@@ -372,32 +435,46 @@ class Trainer:
         if steps < self.step:
             raise ValueError(f"steps ({steps}) is below the steps already done ({self.step})")
         self.flow.train()
-        done = progress_loop(self._train_step, steps, start=self.step, desc=self.desc, disable=self.disable)
+        disable = self.disable if distributed.is_main() else True
+        done = progress_loop(self._train_step, steps, start=self.step, desc=self.desc, disable=disable)
         if self.checkpoint is not None and self.saved_step != self.step:
             self.save()
         return done
 
     def _train_step(self, i: int) -> dict[str, float]:
-        x = self.batches(i).to(self._like)
+        batch = self.batches(i)
+        if not isinstance(batch, Tensor) or batch.dim() != 2:
+            got = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
+            raise ValueError(f"batches({i}) must return a tensor of shape (B, d), got {got}")
+        inputs = [distributed.shard(v) for v in self._inputs(batch.to(self._like))]
         self.optimizer.zero_grad(set_to_none=True)
+        failure = None
         try:
-            loss, metrics = self._loss(x)
-            if not torch.isfinite(loss):
+            with self._random_stream():
+                loss, values = self._step_loss(*inputs)
+        except SolverError as error:
+            failure, values = error, self._like.new_zeros(len(self._loss.metric_names))
+        # One collective a step: whether any rank's solve failed, so that all ranks skip
+        # or stop together, and the sums of the metrics.
+        reduced = distributed.all_reduce_sum(torch.cat([values.new_tensor([failure is not None]), values]))
+        if reduced[0] > 0:
+            if self.on_solver_error == "stop":
+                where = " on another rank" if failure is None else f": {failure}"
                 raise TrainingError(
-                    f"the loss is {loss.item()} at step {i}; stopped without saving"
-                    + self._checkpoint_note(),
+                    f"the ODE solver failed at step {i}{where}" + self._checkpoint_note(), i, self.saved_step
+                ) from failure
+            self.skipped += 1
+            metrics = {"skipped": float(self.skipped)}
+        else:
+            means = reduced[1:] / distributed.get_world_size()
+            metrics = dict(zip(self._loss.metric_names, means.tolist()))
+            if not math.isfinite(metrics["loss"]):
+                raise TrainingError(
+                    f"the loss is {metrics['loss']} at step {i}; stopped without saving" + self._checkpoint_note(),
                     i,
                     self.saved_step,
                 )
             loss.backward()
-        except SolverError as error:
-            if self.on_solver_error == "stop":
-                raise TrainingError(
-                    f"the ODE solver failed at step {i}: {error}" + self._checkpoint_note(), i, self.saved_step
-                ) from error
-            self.skipped += 1
-            metrics = {"skipped": float(self.skipped)}
-        else:
             self.optimizer.step()
         self.step = i + 1
         if self.eval_every and self.step % self.eval_every == 0:
@@ -414,21 +491,21 @@ class Trainer:
             return f"; no checkpoint was written to {self.checkpoint}"
         return f"; the checkpoint of step {self.saved_step} in {self.checkpoint} is kept"
 
-    def _loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
-        if self.objective == "flow_matching":
-            from .flow_matching import flow_matching_loss
+    def _inputs(self, batch: Tensor) -> list[Tensor]:
+        """The step's global inputs: the batch, and for flow matching the times and base
+        samples of its rows, drawn for the whole batch from the stream all ranks share so
+        that each rank's slice holds what one process draws for those rows."""
+        if self.objective != "flow_matching":
+            return [batch]
+        n, d = batch.shape
+        t = self.flow.T * torch.rand(n, 1, dtype=batch.dtype, device=batch.device)
+        return [batch, t, torch.randn(n, d, dtype=batch.dtype, device=batch.device)]
 
-            loss = flow_matching_loss(self.flow.vector_field, x, context=None, T=self.flow.T)
-            return loss, {"loss": loss.item()}
-        nll_batch = -flow_log_prob(self.flow, x).mean()
-        metrics = {"loss": nll_batch.item(), "nll": nll_batch.item(), "nfe": float(self.flow.nfe)}
-        if not self.penalised:
-            return nll_batch, metrics
-        kinetic = self.flow.kinetic_energy.mean()
-        jacobian = self.flow.jacobian_norm.mean()
-        loss = nll_batch + self.lambda_kinetic * kinetic + self.lambda_jacobian * jacobian
-        metrics.update(loss=loss.item(), kinetic=kinetic.item(), jacobian=jacobian.item())
-        return loss, metrics
+    def _random_stream(self) -> contextlib.AbstractContextManager[None]:
+        # the probes of a maximum-likelihood solve are drawn for this rank's rows alone
+        if self.objective == "mle":
+            return distributed.rank_random_stream(self._like.device)
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _evaluating(self, flow: ContinuousFlow) -> Iterator[None]:
@@ -442,22 +519,36 @@ class Trainer:
 
     def evaluate(self, data: Tensor, flow: ContinuousFlow | None = None, batch_size: int = 4096) -> float:
         """The exact mean NLL of ``data`` (shape ``(M, d)``) under ``flow`` (default the
-        trainer's ``eval_flow``) in eval mode, in batches. Under ``on_solver_error="skip"``
-        a failed solve gives NaN and counts in :attr:`skipped`."""
+        trainer's ``eval_flow``) in eval mode, in batches; in a distributed run each rank
+        solves its slice of the rows and the sums are reduced. Under
+        ``on_solver_error="skip"`` a failed solve gives NaN and counts in :attr:`skipped`."""
         flow = self.eval_flow if flow is None else flow
+        if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[0] == 0:
+            got = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+            raise ValueError(f"data must be a tensor of shape (M >= 1, d), got {got}")
+        rows = distributed.shard(data.to(self._like), even=False)
+        failure, total = None, 0.0
         with self._evaluating(flow):
             try:
-                return nll(lambda x, c: flow_log_prob(flow, x), data.to(self._like), batch_size=batch_size)
+                if len(rows):
+                    total = len(rows) * nll(lambda x, c: flow_log_prob(flow, x), rows, batch_size=batch_size)
             except SolverError as error:
-                if self.on_solver_error == "stop":
-                    raise TrainingError(
-                        f"the ODE solver failed evaluating the NLL after step {self.step}: {error}"
-                        + self._checkpoint_note(),
-                        self.step,
-                        self.saved_step,
-                    ) from error
-                self.skipped += 1
-                return math.nan
+                failure = error
+        failed, total = distributed.all_reduce_sum(
+            torch.tensor([failure is not None, total], dtype=torch.float64, device=self._like.device)
+        ).tolist()
+        if failed:
+            if self.on_solver_error == "stop":
+                where = " on another rank" if failure is None else f": {failure}"
+                raise TrainingError(
+                    f"the ODE solver failed evaluating the NLL after step {self.step}{where}"
+                    + self._checkpoint_note(),
+                    self.step,
+                    self.saved_step,
+                ) from failure
+            self.skipped += 1
+            return math.nan
+        return total / data.shape[0]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs (see the class docstring)."""
@@ -486,10 +577,22 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self._like.device)
 
     def save(self) -> None:
-        """Write the checkpoint atomically (see :func:`save_atomic`)."""
+        """Write the checkpoint atomically (see :func:`save_atomic`). In a distributed run
+        rank 0 writes it and every rank returns once it is on disk, or raises if it is not."""
         if self.checkpoint is None:
             raise ValueError("this Trainer has no checkpoint path")
-        save_atomic(self.state_dict(), self.checkpoint)
+        failure = None
+        if distributed.is_main():
+            try:
+                save_atomic(self.state_dict(), self.checkpoint)
+            except Exception as error:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                failure = error
+        # the other ranks learn whether the write failed, instead of waiting for rank 0 forever
+        failed = distributed.all_reduce_sum(self._like.new_tensor([failure is not None])).item()
+        if failure is not None:
+            raise failure
+        if failed:
+            raise OSError(f"rank 0 failed to write the checkpoint {self.checkpoint}")
         self.saved_step = self.step
 
     def resume(self) -> bool:
