@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", default="checkerboard", choices=datasets.NAMES, help="the toy density")
     add("--steps", type=_int_at_least(0), default=2000, help="optimiser steps in all (a resumed run counts the "
         "steps already done)")
-    add("--batch-size", type=_int_at_least(1), default=512, help="training samples per step, fresh every step")
+    add("--batch-size", type=_int_at_least(1), default=512,
+        help="training samples per step, fresh every step (under torchrun: split over the processes)")
     add("--lr", type=_positive, default=5e-3, help="Adam's learning rate")
     add("--hidden", type=_widths, default="64,64", help="hidden widths of the ODENet vector field, e.g. 64,64")
     add("--trace", default="auto", choices=("auto", "exact", "hutchinson"),
@@ -196,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = distributed.setup(_device(parser, args.device))  # joins torchrun's process group, if any
+    if args.batch_size % distributed.get_world_size():
+        world = distributed.get_world_size()
+        parser.error(f"argument --batch-size: {args.batch_size} is not a multiple of the {world} processes")
     _out_dir(parser, args.out)
     checkpoint = args.out / "checkpoint.pt"
     config = _config(args)
