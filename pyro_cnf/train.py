@@ -406,7 +406,8 @@ class Trainer:
         self._step_loss: nn.Module = self._loss
         if distributed.is_distributed():
             device = self._like.device
-            self._step_loss = DistributedDataParallel(self._loss, device_ids=[device] if device.type == "cuda" else None)
+            device_ids = [device] if device.type == "cuda" else None  # CPU modules take none
+            self._step_loss = DistributedDataParallel(self._loss, device_ids=device_ids)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.checkpoint_every = checkpoint_every
         self.eval_data = eval_data

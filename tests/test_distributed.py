@@ -2,6 +2,8 @@
 the steps of one process on the concatenated batches, only rank 0 writes, a checkpoint
 resumes under another number of ranks, and the demo runs under torchrun."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -98,6 +100,9 @@ def rank_main(rank, port, out):
         for name in CONFIGS:
             checkpoint = out / "mle.pt" if name == "mle" else None
             results[name] = run(make_trainer(name, checkpoint))
+        with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.suppress(SystemExit):
+            main([*FAST, "--batch-size", "33", "--out", str(out / "odd")])
+        results["odd_batch"] = err.getvalue().strip().splitlines()[-1]
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         distributed.teardown()
@@ -146,6 +151,13 @@ def ranks(tmp_path_factory, one_process):
 def test_setup_joins_a_gloo_group_on_cpu(ranks):
     _, results = ranks
     assert [(r["device"], r["backend"], r["world_size"]) for r in results] == [("cpu", "gloo", WORLD)] * WORLD
+
+
+def test_demo_refuses_a_batch_that_does_not_split_over_the_ranks(ranks):
+    out, results = ranks
+    for r in results:
+        assert r["odd_batch"].endswith("error: argument --batch-size: 33 is not a multiple of the 2 processes")
+    assert not (out / "odd").exists()
 
 
 @pytest.mark.parametrize("name", ["mle", "mle_adjoint", "flow_matching", "skip"])
