@@ -70,13 +70,14 @@ def setup(device: torch.device | str | None = None) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if not all(name in os.environ for name in LAUNCH_VARIABLES) or dist.is_initialized():
+    if not all(name in os.environ for name in LAUNCH_VARIABLES):
         return device
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend_for(device))
     return device
 
 
