@@ -3,12 +3,14 @@
 Data: scikit-learn's breast_cancer (569 tumours, 30 features; by default the first 10, the
 "mean" features, which are strongly collinear: radius, perimeter and area), standardised
 on the training split, 25% held out. Model: ``w ~ N(0, I)``, ``b ~ N(0, 5^2)``,
-``y ~ Bernoulli(sigmoid(x.w + b))``. Collinear features make the posterior strongly
-correlated, which a mean-field guide (AutoNormal) cannot represent and a flow can.
+``y ~ Bernoulli(sigmoid(x.w + b))``. The collinear features make the posterior correlated,
+which a mean-field guide (AutoNormal) cannot represent: it under-estimates the posterior
+standard deviations. A flow can represent it.
 
-Reports the posterior predictive accuracy and log-likelihood on the held-out split for
-the CNF guide, AutoNormal and NUTS, and how far each guide's posterior means and standard
-deviations are from NUTS's.
+Reports the final ELBO of both guides, the posterior predictive accuracy and
+log-likelihood on the held-out split for the CNF guide, AutoNormal and NUTS, and how far
+each guide's posterior means and standard deviations are from NUTS's (in units of NUTS's
+standard deviations).
 
     python examples/bayesian_regression.py [--steps 600] [--nuts-samples 200] [--out out/bayesian_regression]
 """
@@ -52,8 +54,10 @@ def load_data(features: int, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 def logits(X: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``x.w + b`` for every row; ``w`` (..., d) and ``b`` (...) may carry sample dims: (..., N)."""
-    return (w.unsqueeze(-2) * X).sum(-1) + b.unsqueeze(-1)
+    """``x.w + b`` for every row of ``X`` (N, d). Sample dims sit left of the data plate's
+    dim -1, as Pyro lays them out: ``w`` (..., 1, d) and ``b`` (..., 1) give (..., N);
+    unbatched, ``w`` (d,) and ``b`` () give (N,)."""
+    return (w * X).sum(-1) + b
 
 
 def model(X: torch.Tensor, y: torch.Tensor | None = None) -> None:
@@ -69,25 +73,30 @@ def coefficients(draw: dict[str, torch.Tensor]) -> torch.Tensor:
     return theta.reshape(-1, theta.shape[-1])
 
 
-def fit_guide(guide, X: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, desc: str) -> torch.Tensor:
-    """SVI with Adam for ``args.steps`` steps; returns ``args.draws`` posterior draws of (w, b)."""
+def fit_guide(
+    guide, X: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, desc: str
+) -> tuple[torch.Tensor, dict]:
+    """SVI with Adam for ``args.steps`` steps; returns ``args.draws`` posterior draws of (w, b)
+    and the final ELBO (1024 particles)."""
     svi = SVI(model, guide, pyro.optim.Adam({"lr": args.lr}),
               Trace_ELBO(num_particles=args.particles, vectorize_particles=True))
     progress_loop(lambda i: {"loss": svi.step(X, y)}, args.steps, desc=desc)
-    with torch.no_grad(), pyro.plate("draws", args.draws, dim=-2):
-        return coefficients(guide(X))
+    with torch.no_grad():
+        elbo = -Trace_ELBO(num_particles=1024, vectorize_particles=True).loss(model, guide, X, y)
+        with pyro.plate("draws", args.draws, dim=-2):
+            return coefficients(guide(X)), {"elbo": elbo}
 
 
-def run_nuts(X: torch.Tensor, y: torch.Tensor, samples: int, warmup: int) -> torch.Tensor:
+def run_nuts(X: torch.Tensor, y: torch.Tensor, samples: int, warmup: int) -> tuple[torch.Tensor, dict]:
     mcmc = MCMC(NUTS(model), num_samples=samples, warmup_steps=warmup)
     mcmc.run(X, y)
-    return coefficients(mcmc.get_samples())
+    return coefficients(mcmc.get_samples()), {}
 
 
 def predictive(theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Held-out accuracy and mean log-likelihood of the posterior predictive
     ``p(y=1 | x) = E_theta[sigmoid(x.w + b)]``."""
-    p = torch.sigmoid(logits(X, theta[:, :-1], theta[:, -1])).mean(0).clamp(1e-7, 1 - 1e-7)
+    p = torch.sigmoid(logits(X, theta[:, None, :-1], theta[:, None, -1])).mean(0).clamp(1e-7, 1 - 1e-7)
     return {
         "accuracy": ((p > 0.5).float() == y).float().mean().item(),
         "log_lik": (y * p.log() + (1 - y) * (1 - p).log()).mean().item(),
@@ -142,18 +151,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     X_train, y_train, X_test, y_test = load_data(args.features, args.seed)
     names = list(load_breast_cancer().feature_names[: args.features]) + ["bias"]
     pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
     make_cnf = partial(pyro_cnf.cnf, hidden_dims=args.hidden, rtol=args.tol, atol=args.tol)
-    methods: dict[str, Callable[[], torch.Tensor]] = {
+    methods: dict[str, Callable[[], tuple[torch.Tensor, dict]]] = {
         "AutoNormal": lambda: fit_guide(AutoNormal(model), X_train, y_train, args, "AutoNormal"),
         "CNF": lambda: fit_guide(AutoNormalizingFlow(model, make_cnf), X_train, y_train, args, "CNF"),
         "NUTS": lambda: run_nuts(X_train, y_train, args.nuts_samples, args.nuts_warmup or args.nuts_samples),
     }
     draws, metrics = {}, {"features": args.features, "steps": args.steps, "nuts_samples": args.nuts_samples}
     for name, fit in methods.items():
+        pyro.set_rng_seed(args.seed)  # each method's result independent of the others'
         start = time.perf_counter()
-        draws[name] = fit()
-        metrics[name] = {"seconds": time.perf_counter() - start, **predictive(draws[name], X_test, y_test)}
+        draws[name], extra = fit()
+        metrics[name] = {"seconds": time.perf_counter() - start, **extra, **predictive(draws[name], X_test, y_test)}
     for name in ("AutoNormal", "CNF"):
         metrics[name].update(versus_nuts(draws[name], draws["NUTS"]))
     for name in methods:

@@ -126,11 +126,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     target_model = partial(model, args.target)
     pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
     guides = make_guides(target_model, args.hidden, args.tol)
     metrics: dict = {"target": args.target, "steps": args.steps, "elbo": {}, "elbo_stderr": {}, "train_seconds": {}}
     samples = {}
     for name, guide in guides.items():
+        pyro.set_rng_seed(args.seed)  # each guide's result independent of the others'
         metrics["train_seconds"][name] = train(target_model, guide, args.steps, args.particles, args.lr, name)
         if name == "CNF":  # noisy SVI gradients tolerate a loose solve; the reported ELBO does not
             guide.transform.flow.rtol = guide.transform.flow.atol = 1e-6

@@ -87,11 +87,20 @@ class TestBayesianRegression:
         for name in ("AutoNormal", "CNF", "NUTS"):
             assert 0 <= metrics[name]["accuracy"] <= 1 and metrics[name]["log_lik"] < 0
 
-    def test_logits_broadcast_over_sample_dims(self):
+    def test_vectorised_particles_score_like_separate_runs(self):
+        # Pyro puts particles left of the data plate (dim -1); the batched model must score
+        # each particle's (w, b) exactly as an unbatched run does, not broadcast them together
         script = load("bayesian_regression")
-        X, w, b = torch.randn(7, 3), torch.randn(5, 2, 3), torch.randn(5, 2)
-        expected = torch.stack([torch.stack([X @ w[i, j] + b[i, j] for j in range(2)]) for i in range(5)])
-        torch.testing.assert_close(script.logits(X, w, b), expected)
+        X, y = torch.randn(7, 3), (torch.rand(7) < 0.5).float()
+        w, b = torch.randn(5, 1, 3), torch.randn(5, 1)
+
+        def log_joint(w, b):
+            conditioned = pyro.poutine.condition(script.model, {"w": w, "b": b})
+            return pyro.poutine.trace(conditioned).get_trace(X, y).log_prob_sum()
+
+        with pyro.plate("particles", 5, dim=-2):
+            batched = log_joint(w, b)
+        torch.testing.assert_close(batched, sum(log_joint(w[i, 0], b[i, 0]) for i in range(5)))
 
     def test_predictive_of_a_point_mass(self):
         script = load("bayesian_regression")
