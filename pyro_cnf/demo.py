@@ -97,18 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--dataset", default="checkerboard", choices=datasets.NAMES, help="the toy density")
-    add("--steps", type=_int_at_least(0), default=2000, help="optimiser steps in all (a resumed run counts the "
+    add("--steps", type=_int_at_least(0), default=4000, help="optimiser steps in all (a resumed run counts the "
         "steps already done)")
-    add("--batch-size", type=_int_at_least(1), default=512,
+    add("--batch-size", type=_int_at_least(1), default=256,
         help="training samples per step, fresh every step (under torchrun: split over the processes)")
-    add("--lr", type=_positive, default=5e-3, help="Adam's learning rate")
+    add("--lr", type=_positive, default=1e-2, help="Adam's learning rate")
     add("--hidden", type=_widths, default="64,64", help="hidden widths of the ODENet vector field, e.g. 64,64")
     add("--trace", default="auto", choices=("auto", "exact", "hutchinson"),
         help="log-det estimator while training (auto and exact use ODENet's closed-form trace)")
     add("--method", default="rk4", choices=sorted(ADAPTIVE_METHODS | FIXED_METHODS), metavar="METHOD",
         help="torchdiffeq solver while training: fixed-grid (taking --ode-steps steps) "
         f"{', '.join(sorted(FIXED_METHODS))}; adaptive (taking --rtol, --atol) {', '.join(sorted(ADAPTIVE_METHODS))}")
-    add("--ode-steps", type=_int_at_least(1), default=8, help="steps over [0, T] of a fixed-grid --method")
+    add("--ode-steps", type=_int_at_least(1), default=4, help="steps over [0, T] of a fixed-grid --method")
     add("--rtol", type=_positive, default=1e-3, help="relative tolerance of an adaptive --method")
     add("--atol", type=_positive, default=1e-3, help="absolute tolerance of an adaptive --method")
     add("--lambda-kinetic", type=_non_negative, default=0.0, help="RNODE kinetic-energy penalty (mle)")
@@ -117,11 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mle: exact maximum likelihood through the ODE solve; flow_matching: simulation-free "
         "regression of the field (conditional OT path), no solve while training")
     add("--seed", type=int, default=0, help="seeds the initial weights and every step's data")
+    add("--threads", type=_int_at_least(1), default=1,
+        help="CPU threads for torch; the 2-D problem's matrices are too small to gain from more, and "
+        "extra threads slow it down badly when the CPUs are busy")
     add("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     add("--out", type=Path, default=Path("out/demo"), help="output directory (created if needed)")
     add("--resume", action="store_true", help="continue from --out/checkpoint.pt up to --steps")
-    add("--checkpoint-every", type=_int_at_least(1), default=250, help="save a checkpoint every this many steps")
-    add("--eval-every", type=_int_at_least(0), default=500,
+    add("--checkpoint-every", type=_int_at_least(1), default=500, help="save a checkpoint every this many steps")
+    add("--eval-every", type=_int_at_least(0), default=1000,
         help="held-out NLL of --eval-every-size samples every this many steps (0: never)")
     add("--eval-every-size", type=_int_at_least(1), default=2000, help="samples of the periodic held-out NLL")
     add("--eval-size", type=_int_at_least(1), default=20000, help="held-out samples of the final NLL")
@@ -207,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_resume(parser, checkpoint, config, args.steps)
 
     started = time.perf_counter()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     flow, eval_flow = _flows(args)
     flow.to(device)

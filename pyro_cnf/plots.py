@@ -142,7 +142,7 @@ def plot_flow(
         ax.set_yticks([])
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95) if title else None)
     if path is not None:
         fig.savefig(path, dpi=80)
     return fig

@@ -74,7 +74,7 @@ def test_resume_without_checkpoint_or_with_other_settings_exits_2(tmp_path, caps
     with pytest.raises(SystemExit) as info:
         run_demo(tmp_path, "--steps", "4", "--resume", "--lr", "0.1")
     assert info.value.code == 2
-    assert "--lr 0.005 in the checkpoint, 0.1 now" in error_line(capsys)
+    assert "--lr 0.01 in the checkpoint, 0.1 now" in error_line(capsys)
     with pytest.raises(SystemExit) as info:
         run_demo(tmp_path, "--steps", "1", "--resume")
     assert info.value.code == 2 and "below the 2 steps of the checkpoint" in error_line(capsys)

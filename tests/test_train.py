@@ -1,6 +1,7 @@
 """Training helpers: the shared loops, and the resumable, checkpointed trainer."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -191,6 +192,9 @@ def test_periodic_held_out_nll_is_the_exact_nll(tmp_path):
 def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     save_atomic({"step": 1}, path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would have made it
 
     def broken_save(obj, f):
         f.write(b"partial bytes")
