@@ -278,6 +278,18 @@ class TestErrors:
         with pytest.raises(error, match=match):
             flow_matching_loss(ODENet(2, (8,), context_dim=3), torch.randn(4, 2), context=context)
 
+    @pytest.mark.parametrize(
+        "x, z, context",
+        [
+            (torch.zeros(4, 2), torch.zeros(5, 2), None),
+            (torch.zeros(4), torch.zeros(4), None),
+            (torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(3, 1)),
+        ],
+    )
+    def test_pairing_shapes(self, x, z, context):
+        with pytest.raises(ValueError, match="must have"):
+            minibatch_ot_pairing(x, z, context)
+
     def test_a_flow_instead_of_its_field(self):
         with pytest.raises(TypeError, match="pass flow.vector_field"):
             flow_matching_loss(ContinuousFlow(ODENet(2, (8,))), torch.randn(4, 2))
