@@ -9,6 +9,7 @@ import torch
 
 from pyro_cnf import ContinuousFlow, ODENet
 from pyro_cnf.demo import main
+from pyro_cnf.train import Trainer, TrainingError
 from pyro_cnf.plots import density_grid, plot_flow, trajectories
 
 from .fields import LinearField, random_matrix
@@ -120,6 +121,24 @@ def test_flow_matching_objective_and_non_closed_form_dataset(tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["objective"] == "flow_matching" and metrics["true_nll"] is None
     assert math.isfinite(metrics["held_out_nll"]) and metrics["train_nfe"] == 0
+
+
+@pytest.mark.parametrize(
+    "error, status, message",
+    [
+        (TrainingError("the ODE solver failed at step 7: ...", 7, 6), 1, "error: the ODE solver failed at step 7"),
+        (KeyboardInterrupt(), 130, "interrupted at step 0; no checkpoint yet in"),
+    ],
+)
+def test_training_failures_end_with_a_message_not_a_traceback(tmp_path, capsys, monkeypatch, error, status, message):
+    def fail(self, steps):
+        raise error
+
+    monkeypatch.setattr(Trainer, "fit", fail)
+    assert run_demo(tmp_path, "--steps", "3") == status
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "metrics.json").exists()
 
 
 # --- plots -------------------------------------------------------------------------------------
