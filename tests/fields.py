@@ -39,3 +39,16 @@ class NoDivergence(nn.Module):
 def random_matrix(d: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return 0.5 * torch.randn(d, d, generator=g, dtype=torch.float64)
+
+
+class QuadraticField(nn.Module):
+    """f = w x^2 blows up in finite time 1 / (w x0): large inputs break the solver."""
+
+    input_dim = 2
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, t, x):
+        return self.w * x * x

@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
 from pyro_cnf import ContinuousFlow, ODENet, distributed
 from pyro_cnf.demo import main
 from pyro_cnf.train import Trainer, step_seed
 
 from .test_demo import FAST
+from tests.fields import QuadraticField
 
 WORLD = 2
 STEPS = 5
@@ -40,19 +40,6 @@ def batches(step):
 
 
 EVAL = batches(-1)[:11]  # 11 rows: 6 on rank 0, 5 on rank 1
-
-
-class QuadraticField(nn.Module):
-    """f = w x^2 blows up in finite time 1 / (w x0): large inputs break the solver."""
-
-    input_dim = 2
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(0.1))
-
-    def forward(self, t, x):
-        return self.w * x * x
 
 
 def blowing_up_on_rank_1(step):

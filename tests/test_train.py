@@ -8,6 +8,7 @@ import torch
 
 from pyro_cnf import ContinuousFlow, ODENet
 from pyro_cnf.train import fit_density, nll, progress_loop
+from tests.fields import QuadraticField
 
 
 def standard_normal_flow_log_prob(flow):
@@ -94,7 +95,6 @@ def test_fit_density_bad_input():
 
 # --- Trainer -----------------------------------------------------------------------------------
 
-from torch import nn  # noqa: E402
 
 from pyro_cnf import SolverError  # noqa: E402
 from pyro_cnf.train import Trainer, TrainingError, flow_log_prob, save_atomic, step_seed  # noqa: E402
@@ -206,19 +206,6 @@ def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
     assert list(tmp_path.iterdir()) == [path]
-
-
-class QuadraticField(nn.Module):
-    """f = w x^2 blows up in finite time 1 / (w x0): large inputs break the solver."""
-
-    input_dim = 2
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(0.1))
-
-    def forward(self, t, x):
-        return self.w * x * x
 
 
 def blowing_up_at(bad_step):
