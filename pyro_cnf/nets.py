@@ -206,8 +206,8 @@ class ODENet(nn.Module):
         jac = slopes[0].unsqueeze(-1) * w_in
         for (w, _), s in zip(layers[1:-2], slopes[1:-1]):
             jac = s.unsqueeze(-1) * (w @ jac)
-        q = jac @ w_out
-        return f, torch.einsum("bl,lk,bkl->b", slopes[-1], layers[-2][0], q)
+        wj = layers[-2][0] @ jac  # (N, h_L, d): no (N, h, h) intermediate
+        return f, (slopes[-1] * (wj * w_out.t()).sum(-1)).sum(-1)
 
     def jvp(
         self, t: Tensor, x: Tensor, v: Tensor, context: Tensor | None = None
