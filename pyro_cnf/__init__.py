@@ -5,6 +5,7 @@ The core (:class:`ContinuousFlow`, :class:`ODENet`) imports neither; :class:`CNF
 """
 
 from .flow import AUTO_EXACT_MAX_DIM, ContinuousFlow, SolverError, default_flow
+from .flow_matching import flow_matching_loss
 from .nets import ACTIVATIONS, ODENet
 from .nflows_transform import CNFTransform
 from .pyro_transforms import CNF, ConditionalCNF, ConditionedCNF, cnf, conditional_cnf
@@ -22,4 +23,5 @@ __all__ = [
     "cnf",
     "conditional_cnf",
     "default_flow",
+    "flow_matching_loss",
 ]
