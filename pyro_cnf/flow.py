@@ -20,7 +20,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from .nets import ODENet
+from .solvers import METHODS as OWN_METHODS, SolverError, integrate
 from .trace import exact_divergence, hutchinson_divergence, identity_basis, probe_noise
 
 __all__ = ["ContinuousFlow", "SolverError", "AUTO_EXACT_MAX_DIM", "default_flow"]
@@ -43,24 +44,67 @@ FIXED_METHODS = frozenset(
 AUTO_EXACT_MAX_DIM = 4
 #: Default cap on accepted + rejected adaptive steps; a healthy flow needs tens.
 DEFAULT_MAX_STEPS = 1000
+#: Options that :func:`pyro_cnf.solvers.integrate` understands; any other sends the solve
+#: to torchdiffeq, which receives ``options`` unchanged.
+OWN_OPTIONS = frozenset({"first_step", "max_num_steps", "safety", "ifactor", "dfactor"})
 
 
-class SolverError(RuntimeError):
-    """The ODE solver gave up (step size underflow, step budget, or non-finite state)."""
+def _error_norm(kind: str, d: int) -> Callable[[Tensor], Tensor]:
+    """The norm of a scaled local error of the flat state ``(N, d + m)``: columns ``:d`` are
+    ``x``, the others the log-det and RNODE integrals.
+
+    ``"mixed"`` is torchdiffeq's norm of a tuple state: the RMS of each component over the
+    batch, then the maximum. ``"per_sample"`` takes the worst sample's RMS instead, so
+    that no sample's local error is averaged away by its batch-mates.
+    """
+    if kind == "mixed":
+
+        def mixed(r: Tensor) -> Tensor:
+            sq = r.square()
+            return torch.cat((sq[:, :d].mean().reshape(1), sq[:, d:].mean(0))).max().sqrt()
+
+        return mixed
+    if kind == "per_sample":
+
+        def per_sample(r: Tensor) -> Tensor:
+            sq = r.square()
+            return torch.cat((sq[:, :d].mean(1), sq[:, d:].reshape(-1))).max().sqrt()
+
+        return per_sample
+    raise ValueError(f"error_norm must be 'mixed' or 'per_sample', got {kind!r}")
 
 
-def _per_sample_norm(state: Tensor | tuple[Tensor, ...]) -> Tensor:
-    """Error norm that is the worst per-sample RMS, so that no sample's local error is
-    averaged away by its batch-mates (the default RMS norm pools the whole batch)."""
-    parts = state if isinstance(state, tuple) else (state,)
-    return torch.stack([p.reshape(p.shape[0], -1).pow(2).mean(-1).max() for p in parts]).max().sqrt()
+class _AdjointGuard(torch.autograd.Function):
+    """Runs torchdiffeq's adjoint solve so that a failure of its backward solve, which
+    torchdiffeq reports by ``assert``, surfaces from ``backward()`` as :class:`SolverError`."""
+
+    @staticmethod
+    def forward(ctx, solve, describe, state, *params):
+        with torch.enable_grad():
+            leaf = state.detach().requires_grad_(state.requires_grad)
+            out = solve(leaf)
+        ctx.graph, ctx.describe = (leaf, out, params), describe
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        leaf, out, params = ctx.graph
+        inputs = (leaf, *params)
+        wanted = [i for i in inputs if i.requires_grad]
+        try:
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        except AssertionError as error:
+            raise ctx.describe(str(error).split(":")[0]) from None
+        return (None, None, *(next(grads) if i.requires_grad else None for i in inputs))
 
 
 class _Dynamics:
     """The augmented right-hand side, configured once per solve.
 
-    The state is ``x`` alone (no log-det wanted), ``(x, logdet)``, or
-    ``(x, logdet, kinetic, frobenius)`` with RNODE regularisation (``reg_probe`` given).
+    The state is one tensor: ``x`` alone, shape ``(N, d)``, when no log-det is wanted;
+    else ``[x, logdet]``, shape ``(N, d + 1)``, or ``[x, logdet, kinetic, frobenius]``,
+    ``(N, d + 3)``, with RNODE regularisation (``reg_probe`` given). One tensor, not a
+    tuple, so that no solver packs and unpacks it at every evaluation.
     """
 
     def __init__(
@@ -70,8 +114,10 @@ class _Dynamics:
         mode: str,
         probe: Tensor | None,
         reg_probe: Tensor | None,
+        d: int,
     ) -> None:
         self.field = field
+        self.d = d
         self.args = () if context is None else (context,)
         self.mode = mode
         self.probe = probe  # Hutchinson noise or the identity basis, fixed for the solve
@@ -87,10 +133,14 @@ class _Dynamics:
         else:
             self._rhs = self._autograd
 
-    def __call__(self, t: Tensor, state: Tensor | tuple[Tensor, ...]):
+    def __call__(self, t: Tensor, state: Tensor) -> Tensor:
         self.nfe += 1
         self.t = t
         return self._rhs(t, state)
+
+    @staticmethod
+    def _pack(f: Tensor, *rates: Tensor) -> Tensor:
+        return torch.cat((f, *(r.unsqueeze(1) for r in rates)), 1)
 
     def _checked(self, f: Tensor, x: Tensor) -> Tensor:
         if f.shape != x.shape:
@@ -103,13 +153,13 @@ class _Dynamics:
     def _field_only(self, t: Tensor, x: Tensor) -> Tensor:
         return self._checked(self.field(t, x, *self.args), x)
 
-    def _closed_form(self, t: Tensor, state: tuple[Tensor, ...]):
-        x = state[0]
+    def _closed_form(self, t: Tensor, state: Tensor) -> Tensor:
+        x = state[:, : self.d]
         f, div = self.field.divergence(t, x, *self.args)
-        return self._checked(f, x), div
+        return self._pack(self._checked(f, x), div)
 
-    def _forward_mode(self, t: Tensor, state: tuple[Tensor, ...]):
-        x = state[0]
+    def _forward_mode(self, t: Tensor, state: Tensor) -> Tensor:
+        x = state[:, : self.d]
         if self.mode == "closed":  # regularised: the Frobenius probe needs a JVP as well
             f, div = self.field.divergence(t, x, *self.args)
             jv = self.field.jvp(t, x, self.reg_probe, *self.args)[1]
@@ -118,11 +168,11 @@ class _Dynamics:
             div = (jv * self.probe).sum(-1)
         self._checked(f, x)
         if self.reg_probe is None:
-            return f, div
-        return f, div, f.pow(2).sum(-1), jv.pow(2).sum(-1)
+            return self._pack(f, div)
+        return self._pack(f, div, f.pow(2).sum(-1), jv.pow(2).sum(-1))
 
-    def _autograd(self, t: Tensor, state: tuple[Tensor, ...]):
-        x = state[0]
+    def _autograd(self, t: Tensor, state: Tensor) -> Tensor:
+        x = state[:, : self.d]
         create_graph = torch.is_grad_enabled()
         regularize = self.reg_probe is not None
         with torch.enable_grad():
@@ -141,8 +191,8 @@ class _Dynamics:
             if regularize and vjp is None:
                 (vjp,) = torch.autograd.grad(f, x, self.reg_probe, create_graph=create_graph)
         if not regularize:
-            return f, div
-        return f, div, f.pow(2).sum(-1), vjp.pow(2).sum(-1)
+            return self._pack(f, div)
+        return self._pack(f, div, f.pow(2).sum(-1), vjp.pow(2).sum(-1))
 
 
 class ContinuousFlow(nn.Module):
@@ -176,6 +226,12 @@ class ContinuousFlow(nn.Module):
         error_norm: ``"mixed"`` (torchdiffeq's RMS per state component, pooled over the
             batch) or ``"per_sample"`` (worst sample's RMS: a sample's log-density no
             longer depends on its batch-mates beyond the tolerance).
+        backend: ``"auto"`` solves with pyro_cnf's own flat-state Runge-Kutta
+            (:mod:`pyro_cnf.solvers`: dopri5, rk4, midpoint, euler; same tableaus, error
+            control and norm as torchdiffeq, less overhead per step) when it can: no
+            adjoint and no option beyond ``first_step``, ``max_num_steps``, ``safety``,
+            ``ifactor``, ``dfactor``. Everything else, and ``"torchdiffeq"``, goes through
+            torchdiffeq's ``odeint``/``odeint_adjoint``.
         regularize: Integrate RNODE's kinetic energy :math:`\|f\|^2` and Jacobian
             Frobenius norm :math:`\|\epsilon^\top J\|^2` along the solve; after each call
             they are in :attr:`kinetic_energy` and :attr:`jacobian_norm` (shape batch).
@@ -211,6 +267,7 @@ class ContinuousFlow(nn.Module):
         adjoint_options: dict[str, Any] | None = None,
         error_norm: str = "mixed",
         regularize: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if not callable(vector_field):
@@ -230,6 +287,7 @@ class ContinuousFlow(nn.Module):
         self.adjoint_options = dict(adjoint_options or {"norm": "seminorm"})
         self.error_norm = error_norm
         self.regularize = regularize
+        self.backend = backend
         self.nfe = 0
         self.kinetic_energy: Tensor | None = None
         self.jacobian_norm: Tensor | None = None
@@ -261,12 +319,12 @@ class ContinuousFlow(nn.Module):
         return "hutchinson"
 
     def _solver_options(self, t: Tensor) -> dict[str, Any]:
-        """torchdiffeq options for a solve over the time points ``t`` (first, last)."""
+        """torchdiffeq options for a solve over the time points ``t`` (first, last);
+        validates every setting."""
         options = dict(self.options)
-        if self.error_norm == "per_sample":
-            options["norm"] = _per_sample_norm
-        elif self.error_norm != "mixed":
-            raise ValueError(f"error_norm must be 'mixed' or 'per_sample', got {self.error_norm!r}")
+        _error_norm(self.error_norm, 1)
+        if self.backend not in ("auto", "torchdiffeq"):
+            raise ValueError(f"backend must be 'auto' or 'torchdiffeq', got {self.backend!r}")
         if self.method in ADAPTIVE_METHODS:
             if self.steps is not None:
                 raise ValueError(f"steps applies to fixed-grid methods only; {self.method!r} is adaptive")
@@ -382,43 +440,75 @@ class ContinuousFlow(nn.Module):
         reg_probe = None
         if regularize:
             reg_probe = probe if mode == "hutchinson" else probe_noise(x, self.noise)
-        dynamics = _Dynamics(self.vector_field, context, mode, probe, reg_probe)
-        state = x if mode == "none" else (x, zeros) + ((zeros, zeros) if regularize else ())
-        t = torch.tensor([self.T, 0.0] if reverse else [0.0, self.T], dtype=x.dtype, device=x.device)
-        kwargs: dict[str, Any] = dict(
-            rtol=self.rtol, atol=self.atol, method=self.method, options=self._solver_options(t)
-        )
-        if self.adjoint:
-            params = tuple(p for p in self.parameters() if p.requires_grad)
-            if context is not None and context.requires_grad:
-                params += (context,)
-            adjoint_options = dict(self.adjoint_options)
-            if self.method in FIXED_METHODS:  # else torchdiffeq takes the adjoint in ONE step
-                for key in ("grid_constructor", "step_size"):
-                    if key in kwargs["options"] and "step_size" not in adjoint_options:
-                        adjoint_options.setdefault(key, kwargs["options"][key])
-            kwargs.update(adjoint_params=params, adjoint_options=adjoint_options)
+        dynamics = _Dynamics(self.vector_field, context, mode, probe, reg_probe, d)
+        extra = 0 if mode == "none" else 3 if regularize else 1
+        state = torch.cat((x, x.new_zeros(n, extra)), 1) if extra else x
         self._dynamics = dynamics
         try:
-            solution = (odeint_adjoint if self.adjoint else odeint)(dynamics, state, t, **kwargs)
-        except AssertionError as error:  # torchdiffeq reports solver failure by assertion
+            solution = self._solve(dynamics, state, context, reverse)
+        except (SolverError, AssertionError) as error:  # torchdiffeq reports failure by assertion
             raise self._solver_error(dynamics, reverse, str(error).split(":")[0]) from None
         finally:
             self.nfe = dynamics.nfe
-        if mode == "none":
-            y = solution[-1]
-            ladj = None
-        else:
-            y, ladj = solution[0][-1], solution[1][-1]
+        y = solution[:, :d]
+        ladj = solution[:, d] if extra else None
         if not torch.isfinite(y).all() or (ladj is not None and not torch.isfinite(ladj).all()):
             raise self._solver_error(dynamics, reverse, "the solution is not finite")
         if regularize:
             sign = -1.0 if reverse else 1.0  # the integrals run backwards in time
-            self.kinetic_energy = sign * solution[2][-1].reshape(batch)
-            self.jacobian_norm = sign * solution[3][-1].reshape(batch)
+            self.kinetic_energy = sign * solution[:, d + 1].reshape(batch)
+            self.jacobian_norm = sign * solution[:, d + 2].reshape(batch)
         else:
             self.kinetic_energy = self.jacobian_norm = None
         return y.reshape(*batch, d), None if ladj is None else ladj.reshape(batch)
+
+    def uses_own_solver(self) -> bool:
+        """Whether a solve runs on :func:`pyro_cnf.solvers.integrate` rather than torchdiffeq."""
+        return (
+            self.backend == "auto"
+            and not self.adjoint
+            and self.method in OWN_METHODS
+            and set(self.options) <= OWN_OPTIONS
+        )
+
+    def _solve(self, dynamics: _Dynamics, state: Tensor, context: Tensor | None, reverse: bool) -> Tensor:
+        """The state at the end of the solve, ``(N, d + m)``."""
+        t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
+        norm = _error_norm(self.error_norm, dynamics.d)
+        if self.uses_own_solver():
+            options = {"first_step": 0.1 * self.T, "max_num_steps": DEFAULT_MAX_STEPS, **self.options}
+            if OWN_METHODS[self.method].e:
+                options["norm"] = norm
+            else:
+                options = {"steps": self.steps}
+            return integrate(dynamics, state, t0, t1, method=self.method, rtol=self.rtol, atol=self.atol, **options)
+        t = torch.tensor([t0, t1], dtype=state.dtype, device=state.device)
+        options = self._solver_options(t)
+        if self.method in ADAPTIVE_METHODS:
+            options.setdefault("norm", norm)
+        kwargs: dict[str, Any] = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=options)
+        if not self.adjoint:
+            return odeint(dynamics, state, t, **kwargs)[-1]
+        params = tuple(p for p in self.parameters() if p.requires_grad)
+        if context is not None and context.requires_grad:
+            params += (context,)
+        adjoint_options = dict(self.adjoint_options)
+        if self.method in FIXED_METHODS:  # else torchdiffeq takes the adjoint in ONE step
+            for key in ("grid_constructor", "step_size"):
+                if key in options and "step_size" not in adjoint_options:
+                    adjoint_options.setdefault(key, options[key])
+        kwargs.update(adjoint_params=params, adjoint_options=adjoint_options)
+
+        def solve(s: Tensor) -> Tensor:
+            return odeint_adjoint(dynamics, s, t, **kwargs)[-1]
+
+        if not torch.is_grad_enabled():
+            return solve(state)
+
+        def describe(reason: str) -> SolverError:
+            return self._solver_error(dynamics, not reverse, f"adjoint (backward) solve: {reason}")
+
+        return _AdjointGuard.apply(solve, describe, state, *params)
 
     def _solver_error(self, dynamics: _Dynamics, reverse: bool, reason: str) -> SolverError:
         direction = "base -> data (t: T -> 0)" if reverse else "data -> base (t: 0 -> T)"

@@ -466,13 +466,7 @@ class Trainer:
         # or stop together, and the sums of the metrics.
         reduced = distributed.all_reduce_sum(torch.cat([values.new_tensor([failure is not None]), values]))
         if reduced[0] > 0:
-            if self.on_solver_error == "stop":
-                where = " on another rank" if failure is None else f": {failure}"
-                raise TrainingError(
-                    f"the ODE solver failed at step {i}{where}" + self._checkpoint_note(), i, self.saved_step
-                ) from failure
-            self.skipped += 1
-            metrics = {"skipped": float(self.skipped)}
+            metrics = self._solver_failed(i, failure)
         else:
             means = reduced[1:] / distributed.get_world_size()
             metrics = dict(zip(self._loss.metric_names, means.tolist()))
@@ -482,8 +476,18 @@ class Trainer:
                     i,
                     self.saved_step,
                 )
-            loss.backward()
-            self.optimizer.step()
+            try:
+                loss.backward()
+            except SolverError as error:  # the adjoint's backward solve
+                if distributed.get_world_size() > 1:  # the other ranks wait in DDP's all-reduce
+                    raise TrainingError(
+                        f"the adjoint ODE solve failed in backward at step {i} on this rank: {error}; the other "
+                        "ranks stop at the collective timeout" + self._checkpoint_note(), i, self.saved_step
+                    ) from error
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics = self._solver_failed(i, error)
+            else:
+                self.optimizer.step()
         self.step = i + 1
         if self.eval_every and self.step % self.eval_every == 0:
             metrics["eval_nll"] = self.evaluate(self.eval_data)
@@ -491,6 +495,16 @@ class Trainer:
         if self.checkpoint is not None and self.step % self.checkpoint_every == 0:
             self.save()
         return metrics
+
+    def _solver_failed(self, i: int, failure: SolverError | None) -> dict[str, float]:
+        """Stop (``on_solver_error="stop"``) or count a skipped step."""
+        if self.on_solver_error == "stop":
+            where = " on another rank" if failure is None else f": {failure}"
+            raise TrainingError(
+                f"the ODE solver failed at step {i}{where}" + self._checkpoint_note(), i, self.saved_step
+            ) from failure
+        self.skipped += 1
+        return {"skipped": float(self.skipped)}
 
     def _checkpoint_note(self) -> str:
         if self.checkpoint is None:

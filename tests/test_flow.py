@@ -22,8 +22,9 @@ class TestLinearField:
 
     @pytest.mark.parametrize("field", [LinearField, ClosedLinearField])
     @pytest.mark.parametrize("T", [1.0, 0.7])
-    def test_map_and_logdet_both_directions(self, field, T):
-        A, flow = linear_flow(field=field, T=T, trace="exact")
+    @pytest.mark.parametrize("backend", ["auto", "torchdiffeq"])
+    def test_map_and_logdet_both_directions(self, field, T, backend):
+        A, flow = linear_flow(field=field, T=T, trace="exact", backend=backend)
         x = torch.randn(5, 3, dtype=torch.float64)
         z, ladj = flow(x)
         torch.testing.assert_close(z, x @ torch.linalg.matrix_exp(A * T).t(), rtol=1e-8, atol=1e-8)

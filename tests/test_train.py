@@ -281,3 +281,21 @@ def test_trainer_bad_settings():
     trainer.fit(2)
     with pytest.raises(ValueError, match=r"steps \(1\) is below the steps already done \(2\)"):
         trainer.fit(1)
+
+
+def test_adjoint_backward_failure_stops_or_skips(tmp_path):
+    def failing_adjoint():
+        torch.manual_seed(0)
+        net = ODENet(2, (8, 8), zero_init=False)
+        return ContinuousFlow(net, adjoint=True, rtol=1e-7, atol=1e-7, adjoint_options={"max_num_steps": 2})
+
+    trainer = Trainer(failing_adjoint(), gaussian_batches, checkpoint=tmp_path / "c.pt", disable=True)
+    with pytest.raises(TrainingError, match="solver failed at step 0.*adjoint \\(backward\\) solve") as info:
+        trainer.fit(2)
+    assert isinstance(info.value.__cause__, SolverError)
+    flow = failing_adjoint()
+    start = [p.detach().clone() for p in flow.parameters()]
+    trainer = Trainer(flow, gaussian_batches, on_solver_error="skip", disable=True)
+    trainer.fit(2)
+    assert trainer.skipped == 2 and trainer.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(start, flow.parameters()))

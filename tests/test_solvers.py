@@ -1,0 +1,146 @@
+"""pyro_cnf.solvers: convergence orders, agreement with torchdiffeq, failures."""
+
+import math
+
+import pytest
+import torch
+from torchdiffeq import odeint
+
+from pyro_cnf import ContinuousFlow, ODENet, SolverError
+from pyro_cnf.solvers import METHODS, integrate
+from tests.fields import LinearField, random_matrix
+
+
+def decay(t, y):
+    return -y
+
+
+ONE = torch.ones(4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method, order", [("euler", 1), ("midpoint", 2), ("rk4", 4)])
+def test_fixed_grid_convergence_order(method, order):
+    errors = [(integrate(decay, ONE, 0.0, 1.0, method=method, steps=n) - math.exp(-1)).abs().max() for n in (20, 40)]
+    assert errors[0] / errors[1] == pytest.approx(2**order, rel=0.1)
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
+def test_fixed_grid_equals_torchdiffeq(method):
+    # Same tableau (torchdiffeq's rk4 is the 3/8 rule) on a nonlinear, time-dependent field.
+    torch.manual_seed(0)
+    net = ODENet(3, (8, 8), zero_init=False).double()
+    y0 = torch.randn(5, 3, dtype=torch.float64)
+    for t0, t1 in ((0.0, 1.0), (1.0, 0.0)):
+        ours = integrate(net, y0, t0, t1, method=method, steps=7)
+        t = torch.tensor([t0, t1], dtype=torch.float64)
+        theirs = odeint(net, y0, t, method=method, options={"step_size": abs(t1 - t0) / 7})[-1]
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-7, 1e-10])
+def test_dopri5_meets_tolerance_both_directions(tol):
+    A = random_matrix(3)
+    y0 = torch.randn(6, 3, dtype=torch.float64)
+    for t0, t1 in ((0.0, 1.3), (1.3, 0.0)):
+        y = integrate(lambda t, y: y @ A.t(), y0, t0, t1, rtol=tol, atol=tol)
+        exact = y0 @ torch.linalg.matrix_exp(A * (t1 - t0)).t()
+        assert (y - exact).abs().max() < 50 * tol
+
+
+def test_dopri5_agrees_with_torchdiffeq_and_lands_on_the_end_time():
+    torch.manual_seed(1)
+    net = ODENet(2, (16, 16), zero_init=False).double()
+    y0 = torch.randn(8, 2, dtype=torch.float64)
+    times = []
+
+    def recording(t, y):
+        times.append(float(t))
+        return net(t, y)
+
+    ours = integrate(recording, y0, 0.0, 0.8, rtol=1e-10, atol=1e-10)
+    theirs = odeint(net, y0, torch.tensor([0.0, 0.8], dtype=torch.float64), rtol=1e-11, atol=1e-11)[-1]
+    torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-8)
+    assert max(times) == 0.8 and min(times) == 0.0
+
+
+def test_adaptive_step_count_reacts_to_tolerance():
+    calls = []
+
+    def counted(t, y):
+        calls.append(1)
+        return decay(t, y)
+
+    counts = []
+    for tol in (1e-3, 1e-8):
+        calls.clear()
+        integrate(counted, ONE, 0.0, 1.0, rtol=tol, atol=tol)
+        counts.append(len(calls))
+    assert counts[1] > 2 * counts[0]
+
+
+def test_budget_and_underflow_raise():
+    blow_up = lambda t, y: y * y  # noqa: E731  y(t) = 1 / (1/y0 - t) leaves at t = 1/y0
+    with pytest.raises(SolverError, match=r"max_num_steps exceeded \(3>=3\)"):
+        integrate(blow_up, ONE * 2, 0.0, 1.0, max_num_steps=3)
+    with pytest.raises(SolverError, match="underflow in dt"):
+        integrate(blow_up, ONE * 2, 0.0, 1.0, max_num_steps=10**6)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown method 'rk45'"):
+        integrate(decay, ONE, 0.0, 1.0, method="rk45")
+    with pytest.raises(ValueError, match="fixed-grid method: pass steps"):
+        integrate(decay, ONE, 0.0, 1.0, method="rk4")
+
+
+def test_dopri5_tableau_is_consistent():
+    tab = METHODS["dopri5"]
+    for c, row in zip(tab.c[1:], tab.a):
+        assert sum(row) == pytest.approx(c, abs=1e-15)
+    assert sum(tab.b) == pytest.approx(1.0, abs=1e-15) and sum(tab.e) == pytest.approx(0.0, abs=1e-15)
+    assert tab.fsal
+
+
+class TestFlowBackends:
+    """ContinuousFlow picks the own solver only where it applies; both backends agree."""
+
+    def test_which_backend(self):
+        field = ODENet(2, (8,))
+        assert ContinuousFlow(field).uses_own_solver()
+        assert ContinuousFlow(field, method="rk4", steps=4).uses_own_solver()
+        assert not ContinuousFlow(field, backend="torchdiffeq").uses_own_solver()
+        assert not ContinuousFlow(field, adjoint=True).uses_own_solver()
+        assert not ContinuousFlow(field, method="bosh3").uses_own_solver()
+        assert not ContinuousFlow(field, method="rk4", options={"step_size": 0.25}).uses_own_solver()
+        with pytest.raises(ValueError, match="backend must be"):
+            ContinuousFlow(field, backend="scipy")
+
+    @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+    @pytest.mark.parametrize("error_norm", ["mixed", "per_sample"])
+    def test_backends_agree_with_regularisation(self, trace, error_norm):
+        torch.manual_seed(0)
+        net = ODENet(3, (8, 8), zero_init=False).double()
+        x = torch.randn(6, 3, dtype=torch.float64)
+        out = []
+        for backend in ("auto", "torchdiffeq"):
+            flow = ContinuousFlow(net, trace=trace, backend=backend, regularize=True, error_norm=error_norm,
+                                  rtol=1e-10, atol=1e-10)
+            torch.manual_seed(5)
+            z, ladj = flow(x)
+            out.append((z, ladj, flow.kinetic_energy, flow.jacobian_norm))
+        for a, b in zip(*out):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+
+    def test_solver_error_from_own_solver_names_the_solve(self):
+        flow = ContinuousFlow(LinearField(torch.eye(1) * 1e3), trace="exact", options={"max_num_steps": 4})
+        with pytest.raises(SolverError, match=r"base -> data.*max_num_steps exceeded.*method='dopri5'"):
+            flow(torch.ones(2, 1), reverse=True)
+
+
+def test_adjoint_backward_failure_raises_solver_error():
+    torch.manual_seed(0)
+    net = ODENet(2, (8, 8), zero_init=False)
+    flow = ContinuousFlow(net, adjoint=True, rtol=1e-8, atol=1e-8, adjoint_options={"max_num_steps": 2})
+    z, ladj = flow(torch.randn(4, 2))
+    with pytest.raises(SolverError, match=r"base -> data.*adjoint \(backward\) solve: max_num_steps exceeded"):
+        ladj.sum().backward()
