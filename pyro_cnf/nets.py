@@ -18,6 +18,7 @@ which the flow uses for Hutchinson's estimator and the Jacobian penalty instead 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -83,6 +84,11 @@ class ODENet(nn.Module):
         context_dim: The dimension of the context, 0 for none.
         activation: One of :data:`ACTIVATIONS`.
         zero_init: Zero the last layer so that a new flow is the identity map.
+        time_gate_scale: Standard deviation of the initial time-gate slopes ``a`` (time
+            enters each unit through :math:`\sigma(a t + g)`). The default 0.1 starts a
+            nearly time-independent field; about ``10 / T`` makes a new field strongly
+            time-dependent, which flow matching needs. An initialisation choice only: it
+            is not part of the architecture checked when loading a ``state_dict``.
 
     :meth:`jvp` gives :math:`J v` in forward mode (one extra matmul per layer), which makes
     Hutchinson's estimator and the RNODE Frobenius penalty free of autograd as well.
@@ -104,8 +110,15 @@ class ODENet(nn.Module):
         context_dim: int = 0,
         activation: str = "softplus",
         zero_init: bool = True,
+        time_gate_scale: float = 0.1,
     ) -> None:
         super().__init__()
+        try:
+            gate_scale = float(time_gate_scale)
+        except (TypeError, ValueError):
+            gate_scale = math.nan
+        if not (gate_scale >= 0 and math.isfinite(gate_scale)):
+            raise ValueError(f"time_gate_scale must be a finite number >= 0, got {time_gate_scale!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if input_dim < 1 or context_dim < 0 or any(h < 1 for h in hidden_dims):
@@ -123,7 +136,7 @@ class ODENet(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
         # One gate/shift row per unit of every layer, evaluated together once per call.
         width = sum(sizes[1:])
-        self.time_gate = nn.Parameter(torch.randn(width) * 0.1)
+        self.time_gate = nn.Parameter(torch.randn(width) * gate_scale)
         self.time_gate_bias = nn.Parameter(torch.zeros(width))
         self.time_shift = nn.Parameter(torch.zeros(width))
         self._splits = sizes[1:]

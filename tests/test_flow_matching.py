@@ -305,10 +305,10 @@ class TestErrors:
 
 def fm_field(d, context_dim=0):
     # Steep initial time gates make the field strongly t-dependent from the start, which
-    # flow matching needs (with ODENet's default 0.1 the regression stalls near t = 0).
-    field = ODENet(d, (32, 32), context_dim=context_dim, activation="silu")
-    field.time_gate.data.normal_(0, 10.0, generator=generator(0))
-    return field
+    # flow matching needs (with ODENet's default 0.1 the regression stalls near t = 0);
+    # 10 saturates most gates away from t = 0 and fits the data's offset slowly here.
+    torch.manual_seed(0)
+    return ODENet(d, (32, 32), context_dim=context_dim, activation="silu", time_gate_scale=3.0)
 
 
 def train(field, sample, steps, batch_size, **kwargs):
