@@ -18,7 +18,7 @@ from ffjord_ref import RefCNF
 
 #: (implementation, trace) pairs of W1; trace "exact" means the exact divergence,
 #: by whatever means the implementation has.
-IMPLS = ("pyro_cnf", "pyro_cnf_vjp", "zuko", "torchdyn", "ffjord_ref")
+IMPLS = ("pyro_cnf", "pyro_cnf_vjp", "pyro_cnf_tdq", "zuko", "torchdyn", "ffjord_ref")
 
 
 @dataclass
@@ -30,14 +30,15 @@ class LogProb:
     fn: Callable[[Tensor], tuple[Tensor, int]]
 
 
-def pyro_cnf_log_prob(field: nn.Module, trace: str, rtol: float, atol: float, vjp: bool = False, **kw) -> LogProb:
+def pyro_cnf_log_prob(field: nn.Module, trace: str, rtol: float, atol: float, vjp: bool = False,
+                      name: str = "pyro_cnf", **kw) -> LogProb:
     flow = pyro_cnf.ContinuousFlow(FieldOnly(field) if vjp else field, trace=trace, rtol=rtol, atol=atol, **kw)
 
     def fn(x: Tensor) -> tuple[Tensor, int]:
         z, ladj = flow(x)
         return normal_log_prob(z) + ladj, flow.nfe
 
-    return LogProb("pyro_cnf_vjp" if vjp else "pyro_cnf", trace, fn)
+    return LogProb(name, trace, fn)
 
 
 def zuko_log_prob(field: nn.Module, trace: str, rtol: float, atol: float) -> LogProb:
@@ -104,7 +105,9 @@ def make_log_prob(impl: str, field: nn.Module, trace: str, rtol: float, atol: fl
     if impl == "pyro_cnf":
         return pyro_cnf_log_prob(field, trace, rtol, atol)
     if impl == "pyro_cnf_vjp":
-        return pyro_cnf_log_prob(field, trace, rtol, atol, vjp=True)
+        return pyro_cnf_log_prob(field, trace, rtol, atol, vjp=True, name=impl)
+    if impl == "pyro_cnf_tdq":  # the same computation on torchdiffeq's dopri5: the solver's share
+        return pyro_cnf_log_prob(field, trace, rtol, atol, backend="torchdiffeq", name=impl)
     if impl == "zuko":
         return zuko_log_prob(field, trace, rtol, atol)
     if impl == "torchdyn":

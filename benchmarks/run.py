@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small dims, one repeat, short budgets")
     p.add_argument("--dims", default=None, help="W1 dimensions (default 2,8,32,64)")
     p.add_argument("--big-dims", default=None, help="W1 pyro_cnf-only dimensions (default 128,256)")
-    p.add_argument("--impls", default=None, help="W1/W3 implementations (default all): pyro_cnf,pyro_cnf_vjp,zuko,torchdyn,ffjord_ref")
+    p.add_argument("--impls", default=None, help="W1/W3 implementations (default all): pyro_cnf,pyro_cnf_vjp,pyro_cnf_tdq,zuko,torchdyn,ffjord_ref")
     p.add_argument("--repeats", type=int, default=None, help="interleaved timing repeats (default 3; quick 1)")
     p.add_argument("--batch", type=int, default=1024, help="W1 batch size")
     p.add_argument("--budget", type=float, default=None, help="W2 CPU seconds per training run (default 40)")

@@ -50,9 +50,9 @@ def raw_costs(field: nn.Module, x: Tensor, repeats: int, vjp_exact: bool = True)
 
 def _floor_kind(case: LogProb, field: nn.Module) -> str:
     """The raw evaluation an NFE of this implementation cannot be cheaper than."""
-    if case.impl == "pyro_cnf" and case.trace == "exact":
+    if case.impl in ("pyro_cnf", "pyro_cnf_tdq") and case.trace == "exact":
         return "closed"
-    if case.impl == "pyro_cnf" and hasattr(field, "jvp"):
+    if case.impl in ("pyro_cnf", "pyro_cnf_tdq") and hasattr(field, "jvp"):
         return "jvp"
     return case.trace
 
@@ -86,7 +86,7 @@ def run_w1(dims, impls, repeats: int, batch: int = 1024, rtol: float = 1e-5, big
                 info[key] = dict(nfe=nfe, err=err.mean().item(), err_max=err.max().item())
             # A single call of the slowest peers takes seconds; fewer repeats there.
             times = interleaved({k: (lambda c=c: c.fn(x)) for k, c in cases.items()}, repeats, warmup=False)
-        raw = raw_costs(field, x, max(repeats, 3), vjp_exact=not only_pyro)
+        raw = raw_costs(field, x, max(3 * repeats, 9), vjp_exact=not only_pyro)  # cheap; the floor needs many
         results["raw"][d] = raw
         for key, case in cases.items():
             ms = 1e3 * median(times[key])
