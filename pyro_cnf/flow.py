@@ -49,26 +49,27 @@ DEFAULT_MAX_STEPS = 1000
 OWN_OPTIONS = frozenset({"first_step", "max_num_steps", "safety", "ifactor", "dfactor"})
 
 
-def _error_norm(kind: str, d: int) -> Callable[[Tensor], Tensor]:
-    """The norm of a scaled local error of the flat state ``(N, d + m)``: columns ``:d`` are
-    ``x``, the others the log-det and RNODE integrals.
+def _error_norm(kind: str, n: int, d: int) -> Callable[[Tensor], Tensor]:
+    """The norm of a scaled local error of the state (see :class:`_Dynamics`): its first
+    ``n * d`` entries are ``x``, the rest the log-det and RNODE integrals, ``n`` each.
 
     ``"mixed"`` is torchdiffeq's norm of a tuple state: the RMS of each component over the
     batch, then the maximum. ``"per_sample"`` takes the worst sample's RMS instead, so
     that no sample's local error is averaged away by its batch-mates.
     """
+    nd = n * d
     if kind == "mixed":
 
         def mixed(r: Tensor) -> Tensor:
-            sq = r.square()
-            return torch.cat((sq[:, :d].mean().reshape(1), sq[:, d:].mean(0))).max().sqrt()
+            sq = r.reshape(-1).square()
+            return torch.cat((sq[:nd].mean().reshape(1), sq[nd:].view(-1, n).mean(1))).max().sqrt()
 
         return mixed
     if kind == "per_sample":
 
         def per_sample(r: Tensor) -> Tensor:
-            sq = r.square()
-            return torch.cat((sq[:, :d].mean(1), sq[:, d:].reshape(-1))).max().sqrt()
+            sq = r.reshape(-1).square()
+            return torch.cat((sq[:nd].view(n, d).mean(1), sq[nd:])).max().sqrt()
 
         return per_sample
     raise ValueError(f"error_norm must be 'mixed' or 'per_sample', got {kind!r}")
@@ -102,9 +103,11 @@ class _Dynamics:
     """The augmented right-hand side, configured once per solve.
 
     The state is one tensor: ``x`` alone, shape ``(N, d)``, when no log-det is wanted;
-    else ``[x, logdet]``, shape ``(N, d + 1)``, or ``[x, logdet, kinetic, frobenius]``,
-    ``(N, d + 3)``, with RNODE regularisation (``reg_probe`` given). One tensor, not a
-    tuple, so that no solver packs and unpacks it at every evaluation.
+    else the flat ``[x.flatten(), logdet]``, shape ``(N d + N,)``, or
+    ``[x.flatten(), logdet, kinetic, frobenius]``, ``(N d + 3 N,)``, with RNODE
+    regularisation (``reg_probe`` given). One tensor, not a tuple, so that no solver packs
+    and unpacks it at every evaluation, and flat, so that ``x`` is a contiguous view and
+    packing the derivative is one contiguous copy.
     """
 
     def __init__(
@@ -114,10 +117,11 @@ class _Dynamics:
         mode: str,
         probe: Tensor | None,
         reg_probe: Tensor | None,
-        d: int,
+        shape: tuple[int, int],
     ) -> None:
         self.field = field
-        self.d = d
+        self.shape = shape  # (N, d) of x
+        self.size = shape[0] * shape[1]
         self.args = () if context is None else (context,)
         self.mode = mode
         self.probe = probe  # Hutchinson noise or the identity basis, fixed for the solve
@@ -138,9 +142,12 @@ class _Dynamics:
         self.t = t
         return self._rhs(t, state)
 
+    def _x(self, state: Tensor) -> Tensor:
+        return state[: self.size].view(self.shape)
+
     @staticmethod
     def _pack(f: Tensor, *rates: Tensor) -> Tensor:
-        return torch.cat((f, *(r.unsqueeze(1) for r in rates)), 1)
+        return torch.cat((f.reshape(-1), *rates))
 
     def _checked(self, f: Tensor, x: Tensor) -> Tensor:
         if f.shape != x.shape:
@@ -154,12 +161,12 @@ class _Dynamics:
         return self._checked(self.field(t, x, *self.args), x)
 
     def _closed_form(self, t: Tensor, state: Tensor) -> Tensor:
-        x = state[:, : self.d]
+        x = self._x(state)
         f, div = self.field.divergence(t, x, *self.args)
         return self._pack(self._checked(f, x), div)
 
     def _forward_mode(self, t: Tensor, state: Tensor) -> Tensor:
-        x = state[:, : self.d]
+        x = self._x(state)
         if self.mode == "closed":  # regularised: the Frobenius probe needs a JVP as well
             f, div = self.field.divergence(t, x, *self.args)
             jv = self.field.jvp(t, x, self.reg_probe, *self.args)[1]
@@ -172,7 +179,7 @@ class _Dynamics:
         return self._pack(f, div, f.pow(2).sum(-1), jv.pow(2).sum(-1))
 
     def _autograd(self, t: Tensor, state: Tensor) -> Tensor:
-        x = state[:, : self.d]
+        x = self._x(state)
         create_graph = torch.is_grad_enabled()
         regularize = self.reg_probe is not None
         with torch.enable_grad():
@@ -322,7 +329,7 @@ class ContinuousFlow(nn.Module):
         """torchdiffeq options for a solve over the time points ``t`` (first, last);
         validates every setting."""
         options = dict(self.options)
-        _error_norm(self.error_norm, 1)
+        _error_norm(self.error_norm, 1, 1)
         if self.backend not in ("auto", "torchdiffeq"):
             raise ValueError(f"backend must be 'auto' or 'torchdiffeq', got {self.backend!r}")
         if self.method in ADAPTIVE_METHODS:
@@ -440,9 +447,9 @@ class ContinuousFlow(nn.Module):
         reg_probe = None
         if regularize:
             reg_probe = probe if mode == "hutchinson" else probe_noise(x, self.noise)
-        dynamics = _Dynamics(self.vector_field, context, mode, probe, reg_probe, d)
+        dynamics = _Dynamics(self.vector_field, context, mode, probe, reg_probe, (n, d))
         extra = 0 if mode == "none" else 3 if regularize else 1
-        state = torch.cat((x, x.new_zeros(n, extra)), 1) if extra else x
+        state = torch.cat((x.reshape(-1), x.new_zeros(extra * n))) if extra else x
         self._dynamics = dynamics
         try:
             solution = self._solve(dynamics, state, context, reverse)
@@ -450,14 +457,15 @@ class ContinuousFlow(nn.Module):
             raise self._solver_error(dynamics, reverse, str(error).split(":")[0]) from None
         finally:
             self.nfe = dynamics.nfe
-        y = solution[:, :d]
-        ladj = solution[:, d] if extra else None
+        y = solution[: n * d].view(n, d)
+        rates = solution[n * d :].view(extra, n)
+        ladj = rates[0] if extra else None
         if not torch.isfinite(y).all() or (ladj is not None and not torch.isfinite(ladj).all()):
             raise self._solver_error(dynamics, reverse, "the solution is not finite")
         if regularize:
             sign = -1.0 if reverse else 1.0  # the integrals run backwards in time
-            self.kinetic_energy = sign * solution[:, d + 1].reshape(batch)
-            self.jacobian_norm = sign * solution[:, d + 2].reshape(batch)
+            self.kinetic_energy = sign * rates[1].reshape(batch)
+            self.jacobian_norm = sign * rates[2].reshape(batch)
         else:
             self.kinetic_energy = self.jacobian_norm = None
         return y.reshape(*batch, d), None if ladj is None else ladj.reshape(batch)
@@ -472,9 +480,9 @@ class ContinuousFlow(nn.Module):
         )
 
     def _solve(self, dynamics: _Dynamics, state: Tensor, context: Tensor | None, reverse: bool) -> Tensor:
-        """The state at the end of the solve, ``(N, d + m)``."""
+        """The state at the end of the solve, shaped like ``state``."""
         t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
-        norm = _error_norm(self.error_norm, dynamics.d)
+        norm = _error_norm(self.error_norm, *dynamics.shape)
         if self.uses_own_solver():
             options = {"first_step": 0.1 * self.T, "max_num_steps": DEFAULT_MAX_STEPS, **self.options}
             if OWN_METHODS[self.method].e:
