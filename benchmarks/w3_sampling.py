@@ -13,6 +13,7 @@ from common import Counted, interleaved, median, perturbed_field, table
 #: pyro_cnf settings timed against zuko: adaptive (tolerance, error norm) and fixed-grid step counts.
 DOPRI = ((1e-4, "mixed"), (1e-5, "mixed"), (1e-6, "mixed"), (1e-5, "per_sample"), (1e-6, "per_sample"))
 RK4_STEPS = (4, 5, 6, 8, 10, 12)
+DOPRI5_STEPS = (3, 4, 5, 6)
 
 
 def run_w3(dims, n: int, repeats: int, log=print) -> list[dict]:
@@ -28,6 +29,7 @@ def run_w3(dims, n: int, repeats: int, log=print) -> list[dict]:
         flows = {f"pyro_cnf dopri5 {tol:.0e}{' per-sample' if norm == 'per_sample' else ''}":
                  pyro_cnf.ContinuousFlow(field, rtol=tol, atol=tol, error_norm=norm) for tol, norm in DOPRI}
         flows.update({f"pyro_cnf rk4 x{k}": pyro_cnf.ContinuousFlow(field, method="rk4", steps=k) for k in RK4_STEPS})
+        flows.update({f"pyro_cnf dopri5 x{k}": pyro_cnf.ContinuousFlow(field, steps=k) for k in DOPRI5_STEPS})
         cases = {key: (lambda f=f: f(torch.randn(n, d), reverse=True, logdet=False)[0]) for key, f in flows.items()}
         cases["zuko rsample"] = lambda: zuko_flow.rsample((n,))
         # Accuracy on common base points against float64 at 1e-10.

@@ -18,10 +18,16 @@ def decay(t, y):
 ONE = torch.ones(4, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("method, order", [("euler", 1), ("midpoint", 2), ("rk4", 4)])
-def test_fixed_grid_convergence_order(method, order):
-    errors = [(integrate(decay, ONE, 0.0, 1.0, method=method, steps=n) - math.exp(-1)).abs().max() for n in (20, 40)]
+@pytest.mark.parametrize("method, order, n", [("euler", 1, 20), ("midpoint", 2, 20), ("rk4", 4, 20), ("dopri5", 5, 16)])
+def test_fixed_grid_convergence_order(method, order, n):
+    errors = [(integrate(decay, ONE, 0.0, 1.0, method=method, steps=k) - math.exp(-1)).abs().max() for k in (n, 2 * n)]
     assert errors[0] / errors[1] == pytest.approx(2**order, rel=0.1)
+
+
+def test_fixed_dopri5_reuses_the_last_stage():
+    flow = ContinuousFlow(ODENet(2, (8,)), method="dopri5", steps=3)
+    flow(torch.randn(4, 2))
+    assert flow.nfe == 6 * 3 + 1
 
 
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
