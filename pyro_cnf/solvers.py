@@ -169,6 +169,7 @@ def integrate(
     tiny = torch.finfo(y0.dtype).eps * max(abs(t0), abs(t1))
     t, y = t0, y0
     k0 = func(y.new_full((), t), y)
+    rejected = False
     for _ in range(max_num_steps):
         if direction * (t1 - t) <= 0:
             return y
@@ -185,8 +186,12 @@ def integrate(
             y = y_new
             k0 = k[-1] if tab.fsal else func(y.new_full((), t), y)
             factor = ifactor if ratio == 0.0 else min(ifactor, max(1.0, safety * ratio**exponent))
+            if rejected:  # no growth right after a rejection (Hairer's DOPRI5)
+                factor = 1.0
+            rejected = False
         else:
             factor = dfactor if ratio != ratio else min(1.0, max(dfactor, safety * ratio**exponent))
+            rejected = True
         h *= factor
     if direction * (t1 - t) <= 0:
         return y
