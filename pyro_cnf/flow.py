@@ -132,7 +132,9 @@ class _Dynamics:
             self._rhs = self._field_only
         elif mode == "closed" and reg_probe is None:
             self._rhs = self._closed_form
-        elif mode in ("closed", "hutchinson") and hasattr(field, "jvp"):
+        elif mode == "closed" and hasattr(field, "divergence_jvp"):
+            self._rhs = self._closed_regularized
+        elif mode == "hutchinson" and hasattr(field, "jvp"):
             self._rhs = self._forward_mode
         else:
             self._rhs = self._autograd
@@ -165,15 +167,16 @@ class _Dynamics:
         f, div = self.field.divergence(t, x, *self.args)
         return self._pack(self._checked(f, x), div)
 
+    def _closed_regularized(self, t: Tensor, state: Tensor) -> Tensor:
+        x = self._x(state)
+        f, div, jv = self.field.divergence_jvp(t, x, self.reg_probe, *self.args)
+        return self._pack(self._checked(f, x), div, f.pow(2).sum(-1), jv.pow(2).sum(-1))
+
     def _forward_mode(self, t: Tensor, state: Tensor) -> Tensor:
         x = self._x(state)
-        if self.mode == "closed":  # regularised: the Frobenius probe needs a JVP as well
-            f, div = self.field.divergence(t, x, *self.args)
-            jv = self.field.jvp(t, x, self.reg_probe, *self.args)[1]
-        else:
-            f, jv = self.field.jvp(t, x, self.probe, *self.args)
-            div = (jv * self.probe).sum(-1)
+        f, jv = self.field.jvp(t, x, self.probe, *self.args)
         self._checked(f, x)
+        div = (jv * self.probe).sum(-1)
         if self.reg_probe is None:
             return self._pack(f, div)
         return self._pack(f, div, f.pow(2).sum(-1), jv.pow(2).sum(-1))
