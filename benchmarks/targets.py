@@ -72,8 +72,9 @@ def all_targets(results: dict) -> str:
     if "W3" in results:
         rows += w3_targets(results["W3"])
     if "W2" in results:
-        from w2_toy import w2_verdicts
+        from w2_toy import w2_fm_targets, w2_verdicts
 
+        rows += w2_fm_targets(results["W2"])
         rows += [["W2 " + line.split(":")[0], "MET" if "MET" in line and "NOT MET" not in line else
                   ("NOT MET" if "NOT MET" in line else "-"), line.split(":", 1)[1].strip()]
                  for line in w2_verdicts(results["W2"])]
@@ -88,6 +89,9 @@ def all_targets(results: dict) -> str:
             if exact and peer in by:
                 rows.append([f"W4: pyro_cnf (exact) NLL below {peer}'s", _met(exact["nll_y"] < by[peer]["nll_y"]),
                              f"{exact['nll_y']:.1f} vs {by[peer]['nll_y']:.1f} nats/image"])
+        from w2_toy import fm_targets
+
+        rows += fm_targets("W4 digits", by, unit=" nats/image")
     if "MEM" in results:
         from memory import memory_verdict
 

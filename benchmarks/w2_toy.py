@@ -7,12 +7,22 @@ from dataclasses import asdict
 
 
 from common import table
-from trainers import RUNS, train
+from trainers import RUNS, solver_costs, time_to_reach, train
 
-DEFAULT_RUNS = ("pyro_cnf_dopri5", "pyro_cnf_rk4", "pyro_cnf_rk4_rnode", "pyro_cnf_fm", "zuko", "torchdyn", "maf")
+DEFAULT_RUNS = ("pyro_cnf_dopri5", "pyro_cnf_dopri5x3", "pyro_cnf_dopri5_rnode", "pyro_cnf_fm", "zuko", "torchdyn",
+                "maf")
 CNF_PEERS = ("zuko", "torchdyn")
+#: The runs trained by maximum likelihood through the ODE solve.
+MLE_CNFS = ("pyro_cnf_dopri5", "pyro_cnf_dopri5x3", "pyro_cnf_dopri5_rnode", "pyro_cnf_rk4", "pyro_cnf_rk4_rnode", "pyro_cnf_hutch", "zuko", "torchdyn")
 BATCH = 256
 TEST_SEED = 10**6
+#: Where the flow-matching run's held-out NLL curve is recorded, as fractions of the budget
+#: (evaluated on the first N_CURVE test points; not counted in the budget).
+CURVE_FRACTIONS = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75)
+N_CURVE = 2000
+#: Issue 5: flow matching reaches the best MLE CNF peer's budget-end NLL within this
+#: fraction of that peer's CPU time.
+REACH_TARGET = 0.2
 
 
 def toy_data():
@@ -33,12 +43,72 @@ def run_w2(names, runs, budget: float, n_test: int = 20_000, seed: int = 0, log=
         log(f"  {name}: true NLL {true_nll:.3f}")
         results = []
         for run in runs:
+            keep = {}
+            fm = run == "pyro_cnf_fm"
             r = train(run, 2, lambda i, k=k: sample(name, BATCH, seed=seed + 7919 * (k + 1) + i), budget, test,
-                      test[:1024], seed=seed, log=log)
+                      test[:1024], seed=seed, log=log, keep=keep, n_curve=N_CURVE,
+                      curve_at=[f * budget for f in CURVE_FRACTIONS] if fm else ())
             log(f"  {name} {run}: NLL {r.nll:.3f} after {r.steps} steps; NFE {r.nfe_start} -> {r.nfe_end}")
-            results.append(asdict(r))
+            r = asdict(r)
+            if fm and not r["failed"]:
+                r["costs"] = solver_costs(keep["model"].scored_field().eval(), test, 2)
+                log(f"  {name} {run}: sampling NFE {r['costs']['sample_nfe']}; rk4 NLL "
+                    + ", ".join(f"x{k}: {v:.3f}" for k, v in r["costs"]["rk4"].items()))
+            results.append(r)
         out[name] = dict(true_nll=true_nll, runs=results)
     return out
+
+
+def fm_targets(name: str, by: dict, unit: str = "") -> list[list[str]]:
+    """Issue 5's targets for the ``pyro_cnf_fm`` run in ``by`` (run name -> result dict):
+    rows ``[target, MET / NOT MET / -, measured]``."""
+    fm = by.get("pyro_cnf_fm")
+    if not fm or math.isnan(fm["nll"]):
+        return []
+    key = "nll_y" if "nll_y" in fm else "nll"
+    met = lambda ok: "MET" if ok else "NOT MET"  # noqa: E731
+    rows = []
+    maf = by.get("maf")
+    if maf and not math.isnan(maf[key]):
+        gap = maf[key] - fm[key]
+        rows.append([f"issue 5, {name}: flow matching NLL below the 5-layer MAF's", met(gap > 0),
+                     f"{fm[key]:.3f} vs {maf[key]:.3f}{unit} (margin {gap:+.3f})"])
+    mle = {k: v for k, v in by.items() if k in MLE_CNFS and not math.isnan(v[key])}
+    if mle:
+        best = min(mle.values(), key=lambda r: r[key])
+        gap = best[key] - fm[key]
+        rows.append([f"issue 5, {name}: flow matching NLL below every MLE-trained CNF's ({', '.join(mle)})",
+                     met(gap > 0), f"{fm[key]:.3f} vs best {best['run']} {best[key]:.3f}{unit} (margin {gap:+.3f})"])
+    if fm.get("nll_curve"):
+        shift = fm[key] - fm["nll"]  # 0, or W4's change of variables to y
+        peers = {k: v for k, v in mle.items() if k in CNF_PEERS}
+        for label, pool, scored in (("MLE CNF peer", peers, True), ("MLE CNF (any library)", mle, False)):
+            if not pool:
+                continue
+            best = min(pool.values(), key=lambda r: r["nll_subset"])
+            target = best["nll_subset"] + shift
+            curve = [(s, n, v + shift) for s, n, v in fm["nll_curve"]]
+            reach = time_to_reach(curve, target)
+            ratio = reach / best["cpu_s"]
+            if reach == reach:
+                step = next(n for s, n, _ in curve if s == reach)
+                when = f"{reach:.1f} CPU s (step {step}) = {ratio:.3f}x of its {best['cpu_s']:.1f} s"
+            else:
+                when = f"not reached in {fm['cpu_s']:.1f} s"
+            rows.append([f"issue 5, {name}: flow matching reaches the best {label}'s budget-end NLL in <= "
+                         f"{REACH_TARGET:g}x its CPU time" + ("" if scored else " (for reference)"),
+                         met(ratio <= REACH_TARGET) if scored else "-",
+                         f"{best['run']} {target:.3f}{unit} on the first {fm['n_curve']} test points: {when}"])
+    costs = fm.get("costs")
+    if costs:
+        rows.append([f"issue 5, {name}: flow matching sampling NFE (dopri5 1e-5) and NLL on a fixed rk4 grid", "-",
+                     f"sampling NFE {costs['sample_nfe']}; NLL rk4 "
+                     + ", ".join(f"x{k} {v:.3f}" for k, v in costs["rk4"].items()) + f" vs dopri5 1e-6 {fm['nll']:.3f}"])
+    return rows
+
+
+def w2_fm_targets(out: dict) -> list[list[str]]:
+    return [row for name, res in out.items() for row in fm_targets(f"W2 {name}", {r["run"]: r for r in res["runs"]})]
 
 
 def w2_verdicts(out: dict) -> list[str]:
@@ -59,34 +129,67 @@ def w2_verdicts(out: dict) -> list[str]:
                 gap = min(p["nll"] - dflt["nll"] for p in peers.values())
                 lines.append(f"{name}: default pyro_cnf (dopri5 MLE) NLL {dflt['nll']:.3f}: "
                              f"{'beats' if gap > 0 else 'does NOT beat'} every CNF peer (margin {gap:+.3f})")
-        reg, plain = by.get("pyro_cnf_rk4_rnode"), by.get("pyro_cnf_rk4")
-        if reg and plain and plain["nfe_end"]:
+        for reg_run, plain_run in (("pyro_cnf_dopri5_rnode", "pyro_cnf_dopri5"), ("pyro_cnf_rk4_rnode", "pyro_cnf_rk4")):
+            reg, plain = by.get(reg_run), by.get(plain_run)
+            if not (reg and plain and plain["nfe_end"]):
+                continue
             ratio = reg["nfe_end"] / plain["nfe_end"]
             dnll = reg["nll"] - plain["nll"]
             ok = ratio <= 0.5 and dnll <= 0.05
-            lines.append(f"{name}: RNODE end NFE {reg['nfe_end']} vs unregularised rk4 {plain['nfe_end']} "
-                         f"(ratio {ratio:.2f}, target <= 0.5), NLL {reg['nll']:.3f} vs {plain['nll']:.3f} "
-                         f"(diff {dnll:+.3f}, target <= 0.05): {'MET' if ok else 'NOT MET'}")
-            dop = by.get("pyro_cnf_dopri5")
-            if dop and dop["nfe_end"]:
-                lines.append(f"{name}: RNODE end NFE vs dopri5 MLE run {dop['nfe_end']}: ratio "
-                             f"{reg['nfe_end'] / dop['nfe_end']:.2f}, NLL diff {reg['nll'] - dop['nll']:+.3f}")
+            lines.append(f"{name}: RNODE ({reg_run}) end NFE {reg['nfe_end']} vs unregularised {plain_run} "
+                         f"{plain['nfe_end']} (ratio {ratio:.2f}, target <= 0.5), NLL {reg['nll']:.3f} vs "
+                         f"{plain['nll']:.3f} (diff {dnll:+.3f}, target <= 0.05): {'MET' if ok else 'NOT MET'}")
     return lines
+
+
+def fm_tables(out: dict) -> str:
+    """The flow-matching run's NLL curve and its solver costs, one row per dataset."""
+    curves, costs = [], []
+    for name, res in out.items():
+        fm = next((r for r in res["runs"] if r["run"] == "pyro_cnf_fm"), None)
+        if not fm:
+            continue
+        if fm.get("nll_curve"):
+            curves.append(f"{name}: " + ", ".join(f"{s:g} s {v:.3f}" for s, _, v in fm["nll_curve"]))
+        if fm.get("costs"):
+            c = fm["costs"]
+            costs.append([name, c["sample_nfe"], fm["nfe_end"] or "-", f"{fm['nll']:.3f}"]
+                         + [f"{v:.3f}" for v in c["rk4"].values()])
+    parts = []
+    if curves:
+        parts.append(f"Flow matching: held-out NLL on the first {N_CURVE} test points during training "
+                     "(CPU s of training; the exact evaluator, whose time is not counted):\n\n"
+                     + "\n".join(f"- {line}" for line in curves))
+    if costs:
+        ks = list(next(r for r in out.values() for r in r["runs"] if r.get("costs"))["costs"]["rk4"])
+        parts.append("Flow matching, the trained flow's solver costs: forward NFE of sampling 10 000 points "
+                     "(dopri5, rtol=atol=1e-5, no trace), of the exact-trace dopri5 1e-5 solve on 1024 held-out "
+                     "points, and the held-out NLL by the exact evaluator (dopri5 1e-6) and by rk4 on a fixed "
+                     "grid of 4, 8, 16 steps (exact trace; 4 NFE per step)\n\n"
+                     + table(["dataset", "sampling NFE", "NLL solve NFE", "NLL dopri5 1e-6"]
+                             + [f"NLL rk4 x{k} ({4 * int(k)} NFE)" for k in ks], costs))
+    return "\n\n".join(parts)
 
 
 def w2_tables(out: dict, budget: float) -> str:
     parts = []
     for name, res in out.items():
-        rows = [[r["run"], r["steps"], r["cpu_s"], r["nll"], r["nll"] - res["true_nll"], r["nfe_start"] or "-",
+        rows = [[r["run"], r["steps"], r["cpu_s"], f"{r['nll']:.3f}", f"{r['nll'] - res['true_nll']:.3f}", r["nfe_start"] or "-",
                  r["nfe_end"] or "-", r["train_nfe_start"] or "-", r["train_nfe_end"] or "-", r["failed"] or ""]
                 for r in res["runs"]]
         parts.append(f"**{name}** (true NLL {res['true_nll']:.3f}; budget {budget:g} CPU s per run)\n\n" + table(
             ["run", "steps", "CPU s", "held-out NLL", "NLL - true", "NFE start", "NFE end", "train NFE start",
              "train NFE end", "note"], rows))
+    fm = fm_tables(out)
+    if fm:
+        parts.append(fm)
     parts.append("Runs: " + "; ".join(f"`{k}`: {RUNS[k]}" for k in DEFAULT_RUNS))
     parts.append("NFE start/end: forward NFE of one dopri5 solve at rtol=atol=1e-5 with the exact trace on "
                  "1024 held-out points, the same measurement for every CNF; train NFE: the run's own "
                  "forward NFE per training step (pyro_cnf/torchdyn: forward solve; zuko: calls of its MLP "
                  "in the forward solve).")
     parts.append("\n".join(f"- {line}" for line in w2_verdicts(out)))
+    fm = w2_fm_targets(out)
+    if fm:
+        parts.append("Issue 5 (flow matching):\n\n" + table(["target", "status", "measured"], fm))
     return "\n\n".join(parts)

@@ -31,6 +31,8 @@ RESUME_KEYS = (
     "dataset", "batch_size", "lr", "hidden", "trace", "method", "ode_steps", "rtol", "atol", "seed",
     "objective", "lambda_kinetic", "lambda_jacobian",
 )  # fmt: skip
+#: ODENet's time_gate_scale for --objective flow_matching (see BENCHMARKS.md, W2).
+FM_TIME_GATE_SCALE = 10.0
 #: Held-out samples live in their own stream, apart from every training step's.
 EVAL_STREAM = -1
 
@@ -180,7 +182,10 @@ def _check_resume(parser: argparse.ArgumentParser, checkpoint: Path, config: dic
 
 def _flows(args: argparse.Namespace) -> tuple[ContinuousFlow, ContinuousFlow]:
     """The training flow and the exact evaluator sharing its field."""
-    field = ODENet(2, args.hidden)
+    # Flow matching needs a field that depends strongly on t from the start: steep initial
+    # time gates (an initialisation only; maximum likelihood keeps ODENet's default).
+    init = {"time_gate_scale": FM_TIME_GATE_SCALE} if args.objective == "flow_matching" else {}
+    field = ODENet(2, args.hidden, **init)
     fixed = args.method in FIXED_METHODS
     train_flow = ContinuousFlow(
         field,

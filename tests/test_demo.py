@@ -123,6 +123,16 @@ def test_flow_matching_objective_and_non_closed_form_dataset(tmp_path, capsys):
     assert math.isfinite(metrics["held_out_nll"]) and metrics["train_nfe"] == 0
 
 
+@pytest.mark.parametrize("objective, low, high", [("mle", 0.0, 0.5), ("flow_matching", 5.0, 20.0)])
+def test_flow_matching_starts_with_steep_time_gates(objective, low, high):
+    from pyro_cnf.demo import _flows, build_parser
+
+    torch.manual_seed(0)
+    flow, eval_flow = _flows(build_parser().parse_args(["--objective", objective]))
+    assert eval_flow.vector_field is flow.vector_field
+    assert low < flow.vector_field.time_gate.detach().std().item() < high
+
+
 @pytest.mark.parametrize(
     "error, status, message",
     [
