@@ -30,7 +30,8 @@ RUNS = {
     "pyro_cnf_dopri5": "pyro_cnf MLE, dopri5 rtol=atol=1e-5, closed-form exact trace",
     "pyro_cnf_rk4": "pyro_cnf MLE, rk4 with 8 steps, closed-form exact trace",
     "pyro_cnf_rk4_rnode": "pyro_cnf MLE, rk4 with 8 steps + RNODE (lambda_k = lambda_j = 0.01)",
-    "pyro_cnf_dopri5_rnode": "pyro_cnf MLE, dopri5 rtol=atol=1e-5 + RNODE (lambda_k = lambda_j = 0.05)",
+    "pyro_cnf_dopri5_rnode": "pyro_cnf MLE, dopri5 rtol=atol=1e-5 + RNODE (lambda_k = lambda_j = 0.05; "
+                             "`pyro_cnf_dopri5_rnode@L` sets both to L)",
     "pyro_cnf_fm": "pyro_cnf flow matching with the tuned recipe of trainers.FM_RECIPE (ODENet 4x64 silu, "
                    "time_gate_scale 10, cosine path, independent coupling, 2 minibatches per step, Adam lr 2e-2 "
                    "with cosine decay to 0 over the budget; digits: 2x256, lr 5e-3), then the exact CNF likelihood",
@@ -147,12 +148,13 @@ def build(run: str, d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | N
     ``recipe`` overrides entries of :data:`FM_RECIPE` for ``pyro_cnf_fm``."""
     if run == "pyro_cnf_fm":
         return build_fm(d, hidden, recipe)
-    if run.startswith("pyro_cnf"):
+    run, _, lam_text = run.partition("@")  # pyro_cnf_dopri5_rnode@0.1: RNODE weight 0.1
+    if run.startswith("pyro_cnf") and run in RUNS and (not lam_text or run.endswith("_rnode")):
         net = pyro_cnf.ODENet(d, hidden)
         kw = (dict(method="rk4", steps=8) if run.startswith("pyro_cnf_rk4") else dict(steps=3)
               if run == "pyro_cnf_dopri5x3" else dict(rtol=1e-5, atol=1e-5))
         regularize = run.endswith("_rnode")
-        lam = 0.05 if run == "pyro_cnf_dopri5_rnode" else 0.01
+        lam = float(lam_text) if lam_text else 0.05 if run == "pyro_cnf_dopri5_rnode" else 0.01
         flow = pyro_cnf.ContinuousFlow(net, trace="hutchinson" if run == "pyro_cnf_hutch" else "exact",
                                        regularize=regularize, **kw)
 

@@ -73,7 +73,7 @@ def fm_targets(name: str, by: dict, unit: str = "") -> list[list[str]]:
         gap = maf[key] - fm[key]
         rows.append([f"issue 5, {name}: flow matching NLL below the 5-layer MAF's", met(gap > 0),
                      f"{fm[key]:.3f} vs {maf[key]:.3f}{unit} (margin {gap:+.3f})"])
-    mle = {k: v for k, v in by.items() if k in MLE_CNFS and not math.isnan(v[key])}
+    mle = {k: v for k, v in by.items() if k.partition("@")[0] in MLE_CNFS and not math.isnan(v[key])}
     if mle:
         best = min(mle.values(), key=lambda r: r[key])
         gap = best[key] - fm[key]
@@ -129,8 +129,11 @@ def w2_verdicts(out: dict) -> list[str]:
                 gap = min(p["nll"] - dflt["nll"] for p in peers.values())
                 lines.append(f"{name}: default pyro_cnf (dopri5 MLE) NLL {dflt['nll']:.3f}: "
                              f"{'beats' if gap > 0 else 'does NOT beat'} every CNF peer (margin {gap:+.3f})")
-        for reg_run, plain_run in (("pyro_cnf_dopri5_rnode", "pyro_cnf_dopri5"), ("pyro_cnf_rk4_rnode", "pyro_cnf_rk4")):
-            reg, plain = by.get(reg_run), by.get(plain_run)
+        for reg_run in by:
+            plain_run = reg_run.partition("@")[0].removesuffix("_rnode")
+            if reg_run == plain_run:
+                continue
+            reg, plain = by[reg_run], by.get(plain_run)
             if not (reg and plain and plain["nfe_end"]):
                 continue
             ratio = reg["nfe_end"] / plain["nfe_end"]
