@@ -149,7 +149,9 @@ def build(run: str, d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | N
     if run == "pyro_cnf_fm":
         return build_fm(d, hidden, recipe)
     run, _, lam_text = run.partition("@")  # pyro_cnf_dopri5_rnode@0.1: RNODE weight 0.1
-    if run.startswith("pyro_cnf") and run in RUNS and (not lam_text or run.endswith("_rnode")):
+    if lam_text and not run.endswith("_rnode"):
+        raise ValueError(f"a weight @{lam_text} applies to the *_rnode runs only, not {run!r}")
+    if run.startswith("pyro_cnf"):
         net = pyro_cnf.ODENet(d, hidden)
         kw = (dict(method="rk4", steps=8) if run.startswith("pyro_cnf_rk4") else dict(steps=3)
               if run == "pyro_cnf_dopri5x3" else dict(rtol=1e-5, atol=1e-5))

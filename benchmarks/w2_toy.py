@@ -134,7 +134,7 @@ def w2_verdicts(out: dict) -> list[str]:
             if reg_run == plain_run:
                 continue
             reg, plain = by[reg_run], by.get(plain_run)
-            if not (reg and plain and plain["nfe_end"]):
+            if not (plain and plain["nfe_end"]):
                 continue
             ratio = reg["nfe_end"] / plain["nfe_end"]
             dnll = reg["nll"] - plain["nll"]
