@@ -14,12 +14,13 @@ TOL_LADDER = (1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)
 
 
 def raw_costs(field: nn.Module, x: Tensor, repeats: int, vjp_exact: bool = True,
-              paired: dict[str, LogProb] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+              paired: dict[str, LogProb] | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
     """CPU ms of one evaluation of the field plus its divergence, the physical floor of
     one NFE: closed form; field + batched VJP over the identity (exact); field + one VJP
-    (Hutchinson); and the field alone. The ``paired`` log_prob cases are timed in the
-    same interleaved rounds (ms per call, second dict), so that their ms per NFE and the
-    floor are measured under the same load of the shared machine."""
+    (Hutchinson); and the field alone (medians). The ``paired`` log_prob cases join the
+    same interleaved rounds; the second dict holds every case's ms per round (floors per
+    evaluation, paired cases per call), so that a call's ms per NFE can be divided by the
+    floor of the same round."""
     t = torch.tensor(0.5)
     basis = torch.eye(x.shape[1]).unsqueeze(1).expand(x.shape[1], *x.shape)
     noise = torch.randint(0, 2, x.shape).float() * 2 - 1
@@ -47,11 +48,12 @@ def raw_costs(field: nn.Module, x: Tensor, repeats: int, vjp_exact: bool = True,
             cases["exact"] = many(with_vjp(basis, True))
         if hasattr(field, "jvp"):  # forward-mode Hutchinson without autograd
             cases["jvp"] = many(lambda: field.jvp(t, x, noise))
+        floors = set(cases)
         cases.update({("paired", k): (lambda c=c: c.fn(x)) for k, c in (paired or {}).items()})
         times = interleaved(cases, repeats)
-    ms = {k: 1e3 * median(v) for k, v in times.items()}
-    return ({k: v / loops for k, v in ms.items() if not isinstance(k, tuple)},
-            {k[1]: v for k, v in ms.items() if isinstance(k, tuple)})
+    rounds = {(k[1] if isinstance(k, tuple) else k): [1e3 * v / (1 if isinstance(k, tuple) else loops) for v in vs]
+              for k, vs in times.items()}
+    return {k: median(v) for k, v in rounds.items() if k in floors}, rounds
 
 
 def _floor_kind(case: LogProb, field: nn.Module) -> str:
@@ -95,15 +97,18 @@ def run_w1(dims, impls, repeats: int, batch: int = 1024, rtol: float = 1e-5, big
         # The floor is cheap and needs many rounds; pyro_cnf's own calls (fast) join them, so
         # that its ms/NFE over the floor compares two timings taken under the same load.
         mine = {k: c for k, c in cases.items() if c.impl == "pyro_cnf"}
-        raw, paired = raw_costs(field, x, max(3 * repeats, 9), vjp_exact=not only_pyro, paired=mine)
+        raw, rounds = raw_costs(field, x, max(5 * repeats, 15), vjp_exact=not only_pyro, paired=mine)
         results["raw"][d] = raw
         for key, case in cases.items():
             ms = 1e3 * median(times[key])
             nfe = info[key]["nfe"]
-            floor = raw[_floor_kind(case, field)]
+            kind = _floor_kind(case, field)
+            floor = raw[kind]
+            # Paired: each round's call over the same round's floor, then the median.
+            over = (median([c / nfe / f for c, f in zip(rounds[key], rounds[kind])]) if key in mine
+                    else ms / nfe / floor)
             row = dict(d=d, impl=case.impl, trace=case.trace, tol=rtol, ms=ms, nfe=nfe, ms_per_nfe=ms / nfe,
-                       floor_ms=floor, err=info[key]["err"], err_max=info[key]["err_max"],
-                       over_floor=(paired[key] if key in paired else ms) / nfe / floor)
+                       floor_ms=floor, err=info[key]["err"], err_max=info[key]["err_max"], over_floor=over)
             results["rows"].append(row)
             log(f"  d={d:4d} {key:24s} {ms:9.1f} ms  nfe {nfe:4d}  {ms / nfe:7.3f} ms/nfe "
                 f"(floor {floor:.3f})  err {row['err']:.2e}")
@@ -156,8 +161,8 @@ def w1_tables(results: dict) -> str:
     out.append(table(headers, [
         [r["d"], r["impl"], r["trace"], r["tol"], r["ms"], r["nfe"], r["ms_per_nfe"], r["floor_ms"],
          r["over_floor"], r["err"], r["err_max"]] for r in rows])
-        + "\n\nms/NFE ÷ floor: for the `pyro_cnf` rows both timed in the same interleaved rounds (the floor's, "
-        "more of them than the table's ms/call); other rows: ms/NFE of the table over the floor.")
+        + "\n\nms/NFE ÷ floor: for the `pyro_cnf` rows the median over the floor's interleaved rounds of "
+        "(that round's call / NFE) ÷ (that round's floor); other rows: ms/NFE of the table over the floor.")
     raw_rows = [[d, v["field"], v["closed"], v.get("exact", float("nan")), v["hutchinson"], v.get("jvp", float("nan"))]
                 for d, v in results["raw"].items()]
     out.append("Raw cost of one evaluation (ms, batch 1024): field alone; field + closed-form divergence; "
