@@ -9,11 +9,17 @@ from dataclasses import asdict
 from common import table
 from trainers import RUNS, solver_costs, time_to_reach, train
 
-DEFAULT_RUNS = ("pyro_cnf_dopri5", "pyro_cnf_dopri5x3", "pyro_cnf_dopri5_rnode", "pyro_cnf_fm", "zuko", "torchdyn",
-                "maf")
+DEFAULT_RUNS = ("pyro_cnf_dopri5", "pyro_cnf_dopri5x3", "pyro_cnf_dopri5_rnode", "pyro_cnf_dopri5x2",
+                "pyro_cnf_dopri5x2_rnode", "pyro_cnf_fm", "zuko", "torchdyn", "maf")
 CNF_PEERS = ("zuko", "torchdyn")
 #: The runs trained by maximum likelihood through the ODE solve.
-MLE_CNFS = ("pyro_cnf_dopri5", "pyro_cnf_dopri5x3", "pyro_cnf_dopri5_rnode", "pyro_cnf_rk4", "pyro_cnf_rk4_rnode", "pyro_cnf_hutch", "zuko", "torchdyn")
+MLE_CNFS = ("pyro_cnf_dopri5", "pyro_cnf_dopri5x3", "pyro_cnf_dopri5_rnode", "pyro_cnf_dopri5x2", "pyro_cnf_dopri5x2_rnode",
+            "pyro_cnf_rk4", "pyro_cnf_rk4_rnode", "pyro_cnf_hutch", "zuko", "torchdyn")
+#: Issue 4's RNODE target: a regularised run's solver NFE at the end of training at most this
+#: fraction of the unregularised default's, at a held-out NLL at most RNODE_NLL worse; and the
+#: run's log-density on its own solver within RNODE_NLL of the exact evaluator, else its NFE
+#: buys a different model than the one scored.
+RNODE_NFE, RNODE_NLL = 0.5, 0.05
 BATCH = 256
 TEST_SEED = 10**6
 #: Where the flow-matching run's held-out NLL curve is recorded, as fractions of the budget
@@ -129,19 +135,20 @@ def w2_verdicts(out: dict) -> list[str]:
                 gap = min(p["nll"] - dflt["nll"] for p in peers.values())
                 lines.append(f"{name}: default pyro_cnf (dopri5 MLE) NLL {dflt['nll']:.3f}: "
                              f"{'beats' if gap > 0 else 'does NOT beat'} every CNF peer (margin {gap:+.3f})")
-        for reg_run in by:
-            plain_run = reg_run.partition("@")[0].removesuffix("_rnode")
-            if reg_run == plain_run:
+        plain = by.get("pyro_cnf_dopri5")
+        for reg_run, reg in by.items():
+            if "_rnode" not in reg_run or not (plain and plain["train_nfe_end"]) or math.isnan(reg["nll"]):
                 continue
-            reg, plain = by[reg_run], by.get(plain_run)
-            if not (plain and plain["nfe_end"]):
-                continue
-            ratio = reg["nfe_end"] / plain["nfe_end"]
+            ratio = reg["train_nfe_end"] / plain["train_nfe_end"]
             dnll = reg["nll"] - plain["nll"]
-            ok = ratio <= 0.5 and dnll <= 0.05
-            lines.append(f"{name}: RNODE ({reg_run}) end NFE {reg['nfe_end']} vs unregularised {plain_run} "
-                         f"{plain['nfe_end']} (ratio {ratio:.2f}, target <= 0.5), NLL {reg['nll']:.3f} vs "
-                         f"{plain['nll']:.3f} (diff {dnll:+.3f}, target <= 0.05): {'MET' if ok else 'NOT MET'}")
+            drift = abs(reg["nll_own"] - reg["nll"])
+            ok = ratio <= RNODE_NFE and dnll <= RNODE_NLL and drift <= RNODE_NLL
+            lines.append(f"{name}: RNODE ({reg_run}) solver NFE at the end of training {reg['train_nfe_end']} vs "
+                         f"unregularised pyro_cnf_dopri5 {plain['train_nfe_end']} (ratio {ratio:.2f}, target <= "
+                         f"{RNODE_NFE}), NLL {reg['nll']:.3f} vs {plain['nll']:.3f} (diff {dnll:+.3f}, target <= "
+                         f"{RNODE_NLL}); on its own solver {reg['nll_own']:.3f} (off the exact evaluator by "
+                         f"{drift:.3f}, must be <= {RNODE_NLL}); adaptive dopri5 1e-5 NFE of the trained field "
+                         f"{reg['nfe_end']} vs {plain['nfe_end']}: {'MET' if ok else 'NOT MET'}")
     return lines
 
 
@@ -177,17 +184,19 @@ def fm_tables(out: dict) -> str:
 def w2_tables(out: dict, budget: float) -> str:
     parts = []
     for name, res in out.items():
-        rows = [[r["run"], r["steps"], r["cpu_s"], f"{r['nll']:.3f}", f"{r['nll'] - res['true_nll']:.3f}", r["nfe_start"] or "-",
+        rows = [[r["run"], r["steps"], r["cpu_s"], f"{r['nll']:.3f}", f"{r['nll'] - res['true_nll']:.3f}",
+                 "-" if math.isnan(r.get("nll_own", math.nan)) else f"{r['nll_own']:.3f}", r["nfe_start"] or "-",
                  r["nfe_end"] or "-", r["train_nfe_start"] or "-", r["train_nfe_end"] or "-", r["failed"] or ""]
                 for r in res["runs"]]
         parts.append(f"**{name}** (true NLL {res['true_nll']:.3f}; budget {budget:g} CPU s per run)\n\n" + table(
-            ["run", "steps", "CPU s", "held-out NLL", "NLL - true", "NFE start", "NFE end", "train NFE start",
+            ["run", "steps", "CPU s", "held-out NLL", "NLL - true", "NLL, own solver", "NFE start", "NFE end", "train NFE start",
              "train NFE end", "note"], rows))
     fm = fm_tables(out)
     if fm:
         parts.append(fm)
     parts.append("Runs: " + "; ".join(f"`{k}`: {RUNS[k]}" for k in DEFAULT_RUNS))
-    parts.append("NFE start/end: forward NFE of one dopri5 solve at rtol=atol=1e-5 with the exact trace on "
+    parts.append("NLL, own solver: the held-out NLL by the run's own training solver (exact trace), e.g. its fixed "
+                 "grid. NFE start/end: forward NFE of one dopri5 solve at rtol=atol=1e-5 with the exact trace on "
                  "1024 held-out points, the same measurement for every CNF; train NFE: the run's own "
                  "forward NFE per training step (pyro_cnf/torchdyn: forward solve; zuko: calls of its MLP "
                  "in the forward solve).")
