@@ -245,7 +245,8 @@ class ContinuousFlow(nn.Module):
             ``ifactor``, ``dfactor``. Everything else, and ``"torchdiffeq"``, goes through
             torchdiffeq's ``odeint``/``odeint_adjoint``.
         regularize: Integrate RNODE's kinetic energy :math:`\|f\|^2` and Jacobian
-            Frobenius norm :math:`\|\epsilon^\top J\|^2` along the solve; after each call
+            Frobenius norm, :math:`\|\epsilon^\top J\|^2` (or :math:`\|J \epsilon\|^2` when the field
+            has a forward-mode ``jvp``; both unbiased), along the solve; after each call
             they are in :attr:`kinetic_energy` and :attr:`jacobian_norm` (shape batch).
 
     Attributes:
