@@ -89,8 +89,8 @@ def w4_tables(out: dict, budget: float) -> str:
         curve = ("\n\nFlow matching: held-out NLL (nats/image, all test images) during training, CPU s of "
                  "training (evaluation not counted): "
                  + ", ".join(f"{s:g} s {v - out['log_det']:.1f}" for s, _, v in fm["nll_curve"]))
-    recipe = (f" (`pyro_cnf_fm` at d = 64 replaces {FM_RECIPE_W4} in FM_RECIPE)" if FM_RECIPE_W4 else "")
-    return (f"Budget {budget:g} CPU s per run, batch {BATCH}, Adam lr 2e-3 (flow matching: its own recipe{recipe}); "
+    return (f"Budget {budget:g} CPU s per run, batch {BATCH}, Adam lr 2e-3 (flow matching: its own recipe "
+            f"(`pyro_cnf_fm` at d = 64 replaces {FM_RECIPE_W4} in FM_RECIPE)); "
             "held-out NLL of the dequantised digits y in (0,1)^64 (nats per image and per dim; lower is better), "
             "exact evaluator.\n\n"
             + table(["run", "steps", "CPU s", "NLL (nats/image)", "nats/dim", "NFE start", "NFE end",
