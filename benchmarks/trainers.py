@@ -172,10 +172,10 @@ def build(run: str, d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | N
         own = pyro_cnf.ContinuousFlow(net, trace="exact", **kw)  # the same solver, no penalty integrals
 
         def loss(x: Tensor) -> Tensor:
-            z, ladj = flow(x)
+            z, ladj, stats = flow(x, return_stats=True)
             nll = -(normal_log_prob(z) + ladj).mean()
             if regularize:
-                nll = nll + lam * (flow.kinetic_energy.mean() + flow.jacobian_norm.mean())
+                nll = nll + lam * (stats.kinetic_energy.mean() + stats.jacobian_norm.mean())
             return nll
 
         def own_log_prob(x: Tensor) -> Tensor:

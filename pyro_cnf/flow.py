@@ -20,8 +20,9 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from .nets import ODENet
 from .solvers import METHODS as OWN_METHODS, SolverError, integrate
 from .trace import exact_divergence, hutchinson_divergence, identity_basis, probe_noise
 
-__all__ = ["ContinuousFlow", "SolverError", "AUTO_EXACT_MAX_DIM", "default_flow"]
+__all__ = ["ContinuousFlow", "FlowStats", "SolverError", "AUTO_EXACT_MAX_DIM", "default_flow", "standard_normal_log_prob"]
 
 ADAPTIVE_METHODS = frozenset({"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"})
 FIXED_METHODS = frozenset(
@@ -47,6 +48,31 @@ DEFAULT_MAX_STEPS = 1000
 #: Options that :func:`pyro_cnf.solvers.integrate` understands; any other sends the solve
 #: to torchdiffeq, which receives ``options`` unchanged.
 OWN_OPTIONS = frozenset({"first_step", "max_num_steps", "safety", "ifactor", "dfactor"})
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """``log N(z; 0, I)`` summed over the last axis: shape ``z.shape[:-1]``.
+
+    Example:
+        >>> standard_normal_log_prob(torch.zeros(1, 2))  # -log(2 pi)
+        tensor([-1.8379])
+    """
+    return -0.5 * z.pow(2).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+
+
+class FlowStats(NamedTuple):
+    """What a solve measured besides the map, returned by ``flow(..., return_stats=True)``.
+
+    Attributes:
+        nfe: Function evaluations of the solve.
+        kinetic_energy: RNODE's :math:`\int \|f\|^2 dt` per sample, shape batch
+            (``None`` unless the flow has ``regularize=True``).
+        jacobian_norm: RNODE's Jacobian Frobenius integral per sample, shape batch, or ``None``.
+    """
+
+    nfe: int
+    kinetic_energy: Tensor | None = None
+    jacobian_norm: Tensor | None = None
 
 
 def _error_norm(kind: str, n: int, d: int) -> Callable[[Tensor], Tensor]:
@@ -246,8 +272,8 @@ class ContinuousFlow(nn.Module):
             torchdiffeq's ``odeint``/``odeint_adjoint``.
         regularize: Integrate RNODE's kinetic energy :math:`\|f\|^2` and Jacobian
             Frobenius norm, :math:`\|\epsilon^\top J\|^2` (or :math:`\|J \epsilon\|^2` when the field
-            has a forward-mode ``jvp``; both unbiased), along the solve; after each call
-            they are in :attr:`kinetic_energy` and :attr:`jacobian_norm` (shape batch).
+            has a forward-mode ``jvp``; both unbiased), along the solve; ``forward(...,
+            return_stats=True)`` returns them in a :class:`FlowStats`.
 
     Attributes:
         nfe: Function evaluations of the last forward solve.
@@ -302,8 +328,6 @@ class ContinuousFlow(nn.Module):
         self.regularize = regularize
         self.backend = backend
         self.nfe = 0
-        self.kinetic_energy: Tensor | None = None
-        self.jacobian_norm: Tensor | None = None
         self._dynamics: _Dynamics | None = None
         self._solver_options(torch.zeros(2))  # fail at construction on bad settings
 
@@ -423,7 +447,8 @@ class ContinuousFlow(nn.Module):
         *,
         reverse: bool = False,
         logdet: bool = True,
-    ) -> tuple[Tensor, Tensor | None]:
+        return_stats: bool = False,
+    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, FlowStats]:
         """Integrate from 0 to ``T`` (or ``T`` to 0 when ``reverse``).
 
         Arguments:
@@ -431,10 +456,11 @@ class ContinuousFlow(nn.Module):
             context: Shape ``(..., c)``, broadcast against the batch shape of ``x``.
             reverse: Integrate from ``T`` (base) to 0 (data).
             logdet: Integrate the log-determinant; ``False`` skips the trace entirely.
+            return_stats: Also return the solve's :class:`FlowStats`.
 
         Returns:
             The image, shape ``(..., d)``, and ``log|det d(image)/dx|``, shape ``(...)``
-            (``None`` when ``logdet=False``).
+            (``None`` when ``logdet=False``), then the :class:`FlowStats` if asked.
         """
         x, context = self._check_inputs(x, context)
         batch, d = x.shape[:-1], x.shape[-1]
@@ -444,8 +470,10 @@ class ContinuousFlow(nn.Module):
         n = x.shape[0]
         zeros = x.new_zeros(n)
         if n == 0:
-            self.kinetic_energy = self.jacobian_norm = zeros.reshape(batch) if self.regularize else None
-            return x.clone().reshape(*batch, d), zeros.reshape(batch) if logdet else None
+            self.nfe = 0
+            empty = zeros.reshape(batch) if self.regularize and logdet else None
+            out = x.clone().reshape(*batch, d), zeros.reshape(batch) if logdet else None
+            return (*out, FlowStats(0, empty, empty)) if return_stats else out
 
         mode = self.trace_mode(d) if logdet else "none"
         probe = None
@@ -472,13 +500,27 @@ class ContinuousFlow(nn.Module):
         ladj = rates[0] if extra else None
         if not torch.isfinite(y).all() or (ladj is not None and not torch.isfinite(ladj).all()):
             raise self._solver_error(dynamics, reverse, "the solution is not finite")
+        out = y.reshape(*batch, d), None if ladj is None else ladj.reshape(batch)
+        if not return_stats:
+            return out
+        stats = FlowStats(dynamics.nfe)
         if regularize:
             sign = -1.0 if reverse else 1.0  # the integrals run backwards in time
-            self.kinetic_energy = sign * rates[1].reshape(batch)
-            self.jacobian_norm = sign * rates[2].reshape(batch)
-        else:
-            self.kinetic_energy = self.jacobian_norm = None
-        return y.reshape(*batch, d), None if ladj is None else ladj.reshape(batch)
+            stats = FlowStats(dynamics.nfe, sign * rates[1].reshape(batch), sign * rates[2].reshape(batch))
+        return (*out, stats)
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``log p(x)`` under this flow with a standard normal base at ``t = T``:
+        ``log N(z; 0, I) + log|det dz/dx|``, shape ``x.shape[:-1]``.
+
+        Example:
+            >>> from pyro_cnf import ODENet
+            >>> identity = ContinuousFlow(ODENet(2, (8,)))  # zero-initialised: the identity map
+            >>> identity.log_prob(torch.zeros(1, 2)).detach()  # log N(0; 0, I) = -log(2 pi)
+            tensor([-1.8379])
+        """
+        z, ladj = self(x, context)
+        return standard_normal_log_prob(z) + ladj
 
     def uses_own_solver(self) -> bool:
         """Whether a solve runs on :func:`pyro_cnf.solvers.integrate` rather than torchdiffeq."""

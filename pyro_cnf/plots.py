@@ -16,7 +16,6 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from .flow import ContinuousFlow
-from .train import flow_log_prob
 
 __all__ = ["density_grid", "trajectories", "plot_flow"]
 
@@ -44,7 +43,7 @@ def density_grid(
     flow.eval()
     try:
         with torch.no_grad():
-            log_prob = torch.cat([flow_log_prob(flow, chunk) for chunk in points.split(batch_size)])
+            log_prob = torch.cat([flow.log_prob(chunk) for chunk in points.split(batch_size)])
     finally:
         flow.train(training)
     return axis, log_prob.reshape(size, size)

@@ -24,13 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed
-from .flow import ContinuousFlow, SolverError
+from .flow import ContinuousFlow, SolverError, standard_normal_log_prob
 
 __all__ = [
     "progress_loop",
     "fit_density",
     "nll",
-    "flow_log_prob",
     "step_seed",
     "save_atomic",
     "Trainer",
@@ -175,20 +174,6 @@ def nll(log_prob: LogProb, data: Tensor, context: Tensor | None = None, batch_si
     return total / data.shape[0]
 
 
-def flow_log_prob(flow: ContinuousFlow, x: Tensor, context: Tensor | None = None) -> Tensor:
-    """The log-density of ``x`` (shape ``(..., d)``) under ``flow`` with a standard normal
-    base at ``t = T``: ``log N(z; 0, I) + log|det dz/dx|``, shape ``(...)``.
-
-    Example:
-        >>> from pyro_cnf import ODENet
-        >>> identity = ContinuousFlow(ODENet(2, (8,)))  # zero-initialised: the identity map
-        >>> flow_log_prob(identity, torch.zeros(1, 2)).detach()  # log N(0; 0, I) = -log(2 pi)
-        tensor([-1.8379])
-    """
-    z, ladj = flow(x, context)
-    return ladj - 0.5 * z.pow(2).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
-
-
 def step_seed(seed: int, step: int) -> int:
     """A 63-bit seed for the data of ``step`` in the run seeded by ``seed``.
 
@@ -284,12 +269,13 @@ class _Objective(nn.Module):
 
             loss = flow_matching_loss(self.flow.vector_field, x, T=self.flow.T, t=t, noise=noise)
             return loss, loss.detach().reshape(1)
-        nll_batch = -flow_log_prob(self.flow, x).mean()
+        z, ladj, stats = self.flow(x, return_stats=True)
+        nll_batch = -(standard_normal_log_prob(z) + ladj).mean()
         loss, penalties = nll_batch, []
         if self.penalised:
-            penalties = [self.flow.kinetic_energy.mean(), self.flow.jacobian_norm.mean()]
+            penalties = [stats.kinetic_energy.mean(), stats.jacobian_norm.mean()]
             loss = nll_batch + self.lambda_kinetic * penalties[0] + self.lambda_jacobian * penalties[1]
-        nfe = nll_batch.new_tensor(float(self.flow.nfe))
+        nfe = nll_batch.new_tensor(float(stats.nfe))
         return loss, torch.stack([loss, nll_batch, nfe, *penalties]).detach()
 
 
@@ -553,7 +539,7 @@ class Trainer:
         with self._evaluating(flow):
             try:
                 if len(rows):
-                    total = len(rows) * nll(lambda x, c: flow_log_prob(flow, x), rows, batch_size=batch_size)
+                    total = len(rows) * nll(lambda x, c: flow.log_prob(x), rows, batch_size=batch_size)
             except SolverError as error:
                 failure = error
         failed, total = distributed.all_reduce_sum(

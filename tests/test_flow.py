@@ -107,8 +107,8 @@ class TestClosedFormDivergence:
         for field in (net, NoDivergence(net)):
             flow = ContinuousFlow(field, trace="hutchinson", regularize=True, **TIGHT)
             torch.manual_seed(4)
-            z, ladj = flow(x)
-            results.append((z, ladj, flow.kinetic_energy))
+            z, ladj, stats = flow(x, return_stats=True)
+            results.append((z, ladj, stats.kinetic_energy))
         for a, b in zip(*results):
             torch.testing.assert_close(a, b)
 
@@ -121,19 +121,18 @@ class TestClosedFormDivergence:
         for field in (net, NoDivergence(net)):
             flow = ContinuousFlow(field, trace="exact", regularize=True, **TIGHT)
             torch.manual_seed(4)
-            z, ladj = flow(x)
+            z, ladj, stats = flow(x, return_stats=True)
             # |J e|^2 (forward mode) and |e^T J|^2 (VJP) are different unbiased estimates of
             # |J|_F^2, so the Frobenius term is compared in its own test, not here.
-            loss = ladj.sum() + flow.kinetic_energy.sum()
-            results.append((z, ladj, flow.kinetic_energy, *torch.autograd.grad(loss, list(net.parameters()))))
+            loss = ladj.sum() + stats.kinetic_energy.sum()
+            results.append((z, ladj, stats.kinetic_energy, *torch.autograd.grad(loss, list(net.parameters()))))
             if field is net:
-                frobenius = flow.jacobian_norm
+                frobenius = stats.jacobian_norm
         for a, b in zip(*results):
             torch.testing.assert_close(a, b)
         hutchinson = ContinuousFlow(net, trace="hutchinson", regularize=True, **TIGHT)
         torch.manual_seed(4)  # the same probe e: both integrate |J e|^2 by forward mode
-        hutchinson(x)
-        torch.testing.assert_close(hutchinson.jacobian_norm, frobenius)
+        torch.testing.assert_close(hutchinson(x, return_stats=True)[2].jacobian_norm, frobenius)
 
     @pytest.mark.parametrize("hidden", [(5,), (5, 4), (4, 3, 5)])
     def test_parameter_gradients_equal_autograd_path(self, hidden):
@@ -290,12 +289,12 @@ class TestSolver:
         flow = ContinuousFlow(LinearField(a * torch.eye(d, dtype=torch.float64)), T=T, regularize=True, **TIGHT)
         x = torch.randn(6, d, dtype=torch.float64)
         for reverse in (False, True):
-            flow(x, reverse=reverse)
+            stats = flow(x, reverse=reverse, return_stats=True)[2]
             rate = -a if reverse else a
             kinetic = a**2 * x.pow(2).sum(-1) * (math.exp(2 * rate * T) - 1) / (2 * rate)
-            torch.testing.assert_close(flow.kinetic_energy, kinetic)
+            torch.testing.assert_close(stats.kinetic_energy, kinetic)
             # Rademacher e: |e^T (aI)|^2 = a^2 d
-            torch.testing.assert_close(flow.jacobian_norm, torch.full((6,), a**2 * d * T, dtype=torch.float64))
+            torch.testing.assert_close(stats.jacobian_norm, torch.full((6,), a**2 * d * T, dtype=torch.float64))
 
 
 class TestGradients:

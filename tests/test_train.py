@@ -97,7 +97,7 @@ def test_fit_density_bad_input():
 
 
 from pyro_cnf import SolverError  # noqa: E402
-from pyro_cnf.train import Trainer, TrainingError, flow_log_prob, save_atomic, step_seed  # noqa: E402
+from pyro_cnf.train import Trainer, TrainingError, save_atomic, step_seed  # noqa: E402
 
 
 def small_flow(seed=0, **kw):
@@ -121,7 +121,7 @@ def test_flow_log_prob_is_the_change_of_variables():
     x = torch.randn(5, 2, dtype=torch.float64)
     z, ladj = flow(x)
     manual = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) + ladj
-    assert torch.allclose(flow_log_prob(flow, x), manual, atol=1e-12)
+    assert torch.allclose(flow.log_prob(x), manual, atol=1e-12)
 
 
 def test_step_seed_streams_are_distinct_and_fixed():
@@ -185,7 +185,7 @@ def test_periodic_held_out_nll_is_the_exact_nll(tmp_path):
     trainer.fit(4)
     assert [("eval_nll" in h) for h in trainer.history] == [False, True, False, True]
     exact.load_state_dict(trainer.flow.state_dict())
-    assert trainer.history[-1]["eval_nll"] == pytest.approx(nll(lambda x, c: flow_log_prob(exact, x), eval_data), abs=1e-4)
+    assert trainer.history[-1]["eval_nll"] == pytest.approx(nll(lambda x, c: exact.log_prob(x), eval_data), abs=1e-4)
     assert trainer.flow.training  # evaluation leaves the training mode as it was
 
 
