@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from . import datasets, distributed
-from .flow import ADAPTIVE_METHODS, FIXED_METHODS, ContinuousFlow
+from .flow import ContinuousFlow
+from .ode import ADAPTIVE_METHODS, FIXED_METHODS
 from .nets import ODENet
 from .train import OBJECTIVES, Trainer, TrainingError, step_seed
 

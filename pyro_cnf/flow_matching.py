@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .checks import check_inputs
 from .flow import ContinuousFlow
 
 __all__ = ["PATHS", "COUPLINGS", "conditional_path", "flow_matching_loss", "minibatch_ot_pairing"]
@@ -203,7 +204,16 @@ def flow_matching_loss(
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
     _check_field(vector_field)
-    _check_data(vector_field, x_data, context)
+    param = next(vector_field.parameters(), None) if isinstance(vector_field, nn.Module) else None
+    x_data, context = check_inputs(
+        x_data,
+        context,
+        input_dim=getattr(vector_field, "input_dim", None),
+        context_dim=getattr(vector_field, "context_dim", None),
+        like=param,
+        name="x_data",
+        rows=True,
+    )
     n, d = x_data.shape
     like = dict(dtype=x_data.dtype, device=x_data.device)
     if t is None:
@@ -217,6 +227,8 @@ def flow_matching_loss(
             f"noise must be a {x_data.dtype} tensor of shape {tuple(x_data.shape)} like x_data, got "
             + (f"{noise.dtype} {tuple(noise.shape)}" if isinstance(noise, Tensor) else type(noise).__name__)
         )
+    elif not torch.isfinite(noise).all():
+        raise ValueError("noise contains NaN or inf")
     if coupling == "minibatch_ot":
         noise = noise[minibatch_ot_pairing(x_data, noise, context)]
     x_t, u_t = conditional_path(x_data, noise, t, path=path, sigma_min=sigma_min, T=T)
@@ -235,8 +247,8 @@ def _check_path(path: str, sigma_min: float, T: float) -> None:
         raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
     if not 0 <= sigma_min < 1:
         raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
-    if not T > 0:
-        raise ValueError(f"T must be positive, got {T}")
+    if not (math.isfinite(T) and T > 0):
+        raise ValueError(f"T must be a finite number > 0, got {T}")
 
 
 def _check_field(vector_field: nn.Module) -> None:
@@ -247,38 +259,6 @@ def _check_field(vector_field: nn.Module) -> None:
         )
     if not callable(vector_field):
         raise TypeError(f"vector_field must be a callable module, got {type(vector_field).__name__}")
-
-
-def _check_data(vector_field: nn.Module, x: Tensor, context: Tensor | None) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x_data must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"x_data must be float32 or float64, got {x.dtype}")
-    d = getattr(vector_field, "input_dim", None)
-    if x.dim() != 2 or x.shape[0] == 0 or (d is not None and x.shape[1] != d):
-        raise ValueError(f"x_data must have shape (N >= 1, {d or 'd'}), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x_data contains NaN or inf")
-    c = getattr(vector_field, "context_dim", None)
-    if context is None:
-        if c:
-            raise ValueError(f"the vector field is conditional: pass context of shape ({len(x)}, {c})")
-        return
-    if c == 0:
-        raise ValueError("the vector field is not conditional (context_dim=0) but context was given")
-    if not isinstance(context, Tensor):
-        raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
-    if context.dtype != x.dtype or context.device != x.device:
-        raise TypeError(
-            f"context is {context.dtype} on {context.device}; expected {x.dtype} on {x.device} like x_data"
-        )
-    if context.dim() != 2 or context.shape[0] != x.shape[0] or (c is not None and context.shape[1] != c):
-        raise ValueError(
-            f"context must have shape ({x.shape[0]}, {c or 'c'}), one row per data row, "
-            f"got {tuple(context.shape)}"
-        )
-    if not torch.isfinite(context).all():
-        raise ValueError("context contains NaN or inf")
 
 
 def _checked_times(t: Tensor, n: int, T: float, x: Tensor) -> Tensor:

@@ -233,14 +233,14 @@ class ODENet(nn.Module):
     def divergence(
         self, t: Tensor, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """The field and its exact divergence :math:`\mathrm{tr}(\partial f / \partial x)`."""
+        r"""The field and its exact divergence :math:`\mathrm{tr}(\partial f / \partial x)`."""
         f, layers, slopes = self._pass(t, x, context, "divergence")
         return f, self._trace(layers, slopes, x.shape[0])
 
     def jvp(
         self, t: Tensor, x: Tensor, v: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """The field and the Jacobian-vector product :math:`(\partial f/\partial x) v`.
+        r"""The field and the Jacobian-vector product :math:`(\partial f/\partial x) v`.
 
         Forward mode, about one extra matmul per layer and no autograd graph: Hutchinson's
         :math:`v^\top J v` and RNODE's :math:`\|J v\|^2` come from it cheaply.

@@ -1,8 +1,9 @@
-r"""Divergence estimators :math:`\mathrm{tr}(\partial f / \partial x)` from autograd.
+r"""Divergence estimators :math:`\mathrm{tr}(\partial f / \partial x)`, and which one a solve uses.
 
-Both take ``f`` computed from ``x`` (shape ``(N, d)``) under autograd and return the
-per-sample divergence, shape ``(N,)``. ``create_graph=True`` keeps the result
-differentiable, as training needs; sampling and evaluation under ``no_grad`` skip it.
+The autograd estimators take ``f`` computed from ``x`` (shape ``(N, d)``) under autograd and
+return the per-sample divergence, shape ``(N,)``. ``create_graph=True`` keeps the result
+differentiable, as training needs; sampling and evaluation under ``no_grad`` skip it. A
+field that does not depend on ``x`` has divergence 0.
 
 References:
     | Scalable Reversible Generative Models with Free-form Continuous Dynamics
@@ -13,9 +14,50 @@ References:
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["exact_divergence", "hutchinson_divergence", "identity_basis", "probe_noise"]
+__all__ = [
+    "AUTO_EXACT_MAX_DIM",
+    "ESTIMATORS",
+    "NOISES",
+    "exact_divergence",
+    "hutchinson_divergence",
+    "identity_basis",
+    "probe_noise",
+    "trace_mode",
+]
+
+#: The ``trace`` settings of a flow.
+ESTIMATORS = ("auto", "exact", "hutchinson")
+#: Hutchinson probe distributions.
+NOISES = ("rademacher", "gaussian")
+#: ``trace="auto"`` uses the exact VJP trace up to this dimension even when training a
+#: field without a closed-form divergence. Measured cost of a training step (log-det and
+#: backward; batch 1024, 2x64 MLP, rk4, 1 CPU thread), exact VJPs over Hutchinson: 1.7x at
+#: d=2, 2.9x at d=4, 5.6x at d=8. Up to 4 the noise-free gradient is worth its price.
+AUTO_EXACT_MAX_DIM = 4
+
+
+def trace_mode(trace: str, field: nn.Module, dim: int, *, training: bool) -> str:
+    """The estimator of a solve in dimension ``dim``: ``"closed"`` (the field's own
+    ``divergence``), ``"exact"`` (``dim`` vector-Jacobian products) or ``"hutchinson"``.
+
+    ``"auto"`` is exact whenever the result cannot be a training loss (``training`` is
+    False: eval mode, or gradients disabled), when the field has a closed form, or when
+    ``dim <= AUTO_EXACT_MAX_DIM``; Hutchinson otherwise.
+
+    Example:
+        >>> mlp = nn.Linear(8, 8)  # no closed-form divergence
+        >>> trace_mode("auto", mlp, 8, training=True), trace_mode("auto", mlp, 8, training=False)
+        ('hutchinson', 'exact')
+    """
+    if trace == "hutchinson":
+        return "hutchinson"
+    if hasattr(field, "divergence"):
+        return "closed"
+    if trace == "exact" or not training or dim <= AUTO_EXACT_MAX_DIM:
+        return "exact"
+    return "hutchinson"
 
 
 def identity_basis(x: Tensor) -> Tensor:
@@ -33,7 +75,17 @@ def probe_noise(x: Tensor, kind: str) -> Tensor:
         return torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
     if kind == "gaussian":
         return torch.randn_like(x)
-    raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {kind!r}")
+    raise ValueError(f"noise must be one of {NOISES}, got {kind!r}")
+
+
+def _vjp(f: Tensor, x: Tensor, cotangent: Tensor, create_graph: bool, batched: bool = False) -> Tensor:
+    """``cotangent^T df/dx``, zeros where ``f`` does not depend on ``x``."""
+    if not f.requires_grad:
+        return x.new_zeros(cotangent.shape)
+    (grad,) = torch.autograd.grad(
+        f, x, cotangent, create_graph=create_graph, is_grads_batched=batched, allow_unused=True
+    )
+    return x.new_zeros(cotangent.shape) if grad is None else grad
 
 
 def exact_divergence(f: Tensor, x: Tensor, basis: Tensor, create_graph: bool) -> Tensor:
@@ -45,18 +97,16 @@ def exact_divergence(f: Tensor, x: Tensor, basis: Tensor, create_graph: bool) ->
         >>> exact_divergence(f, x, identity_basis(x), create_graph=False)
         tensor([6., 6., 6., 6.])
     """
-    (rows,) = torch.autograd.grad(
-        f, x, basis, create_graph=create_graph, is_grads_batched=True
-    )  # rows[i] = e_i^T df/dx, shape (d, N, d)
+    rows = _vjp(f, x, basis, create_graph, batched=True)  # rows[i] = e_i^T df/dx, shape (d, N, d)
     return torch.diagonal(rows, dim1=0, dim2=2).sum(-1)
 
 
 def hutchinson_divergence(
     f: Tensor, x: Tensor, noise: Tensor, create_graph: bool
 ) -> tuple[Tensor, Tensor]:
-    """Hutchinson's estimate :math:`e^\\top (\\partial f/\\partial x) e` and the VJP :math:`e^\\top J`.
+    r"""Hutchinson's estimate :math:`e^\top (\partial f/\partial x) e` and the VJP :math:`e^\top J`.
 
-    The VJP is returned so that the Jacobian Frobenius penalty :math:`\\|e^\\top J\\|^2`
+    The VJP is returned so that the Jacobian Frobenius penalty :math:`\|e^\top J\|^2`
     (Finlay et al., 2020) costs nothing extra.
 
     Example:
@@ -66,5 +116,5 @@ def hutchinson_divergence(
         >>> div  # e^T (2 I) e = 2 |e|^2 = 6 for Rademacher probes
         tensor([6., 6., 6., 6.])
     """
-    (vjp,) = torch.autograd.grad(f, x, noise, create_graph=create_graph)
+    vjp = _vjp(f, x, noise, create_graph)
     return (vjp * noise).sum(-1), vjp

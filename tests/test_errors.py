@@ -1,5 +1,7 @@
 """Bad input and solver failure end in a clear exception, never a silent wrong number."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -103,7 +105,13 @@ def test_fixed_grid_blow_up_raises_solver_error():
         (dict(method="dopri5", steps=4, adjoint=True), "only pyro_cnf's own dopri5"),
         (dict(method="dopri5", steps=2.5), "positive integer"),
         (dict(error_norm="max"), "error_norm must be"),
-        (dict(T=0.0), "T must be positive"),
+        (dict(T=0.0), r"T must be a finite number > 0"),
+        (dict(T=math.inf), r"T must be a finite number > 0"),
+        (dict(rtol=-1e-5), "rtol must be a finite number >= 0"),
+        (dict(atol=math.nan), "atol must be a finite number >= 0"),
+        (dict(rtol=0.0, atol=0.0), "both 0"),
+        (dict(trace="bogus"), "trace must be one of"),
+        (dict(noise="uniform"), "noise must be one of"),
     ],
 )
 def test_bad_settings(kwargs, match):
@@ -111,14 +119,21 @@ def test_bad_settings(kwargs, match):
         flow(**kwargs)
 
 
-def test_bad_runtime_settings():
+def test_settings_assigned_later_are_validated_when_assigned():
+    # Validated once, when set, not in the middle of a solve: a bad trace used to pass
+    # unnoticed while logdet=False skipped the estimator.
     f = flow()
-    f.trace = "approx"
-    with pytest.raises(ValueError, match="trace must be"):
-        f(torch.randn(3, 2))
-    f.trace, f.noise = "hutchinson", "uniform"
-    with pytest.raises(ValueError, match="noise must be"):
-        f(torch.randn(3, 2))
+    with pytest.raises(ValueError, match="trace must be one of"):
+        f.trace = "approx"
+    with pytest.raises(ValueError, match="noise must be one of"):
+        f.noise = "uniform"
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+        f.rtol = -1.0
+    with pytest.raises(ValueError, match="fixed-grid solver: pass steps=N"):
+        f.method = "rk4"
+    assert (f.trace, f.noise, f.rtol, f.method) == ("auto", "rademacher", 1e-5, "dopri5")
+    f.rtol = f.atol = 1e-3  # valid changes take effect
+    assert f.solver.rtol == f.solver.atol == 1e-3
 
 
 def test_adapters_check_dimensions():

@@ -1,4 +1,4 @@
-"""pyro_cnf.solvers: convergence orders, agreement with torchdiffeq, failures."""
+"""pyro_cnf.ode:  convergence orders, agreement with torchdiffeq, failures."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torchdiffeq import odeint
 
 from pyro_cnf import ContinuousFlow, ODENet, SolverError
-from pyro_cnf.solvers import METHODS, integrate
+from pyro_cnf.ode.rk import METHODS, integrate
 from tests.fields import LinearField, random_matrix
 
 
@@ -95,7 +95,7 @@ def test_budget_and_underflow_raise():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown method 'rk45'"):
         integrate(decay, ONE, 0.0, 1.0, method="rk45")
-    with pytest.raises(ValueError, match="fixed-grid method: pass steps"):
+    with pytest.raises(ValueError, match="on a fixed grid: pass steps >= 1"):
         integrate(decay, ONE, 0.0, 1.0, method="rk4")
 
 

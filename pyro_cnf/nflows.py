@@ -8,7 +8,7 @@ from typing import Any
 from nflows.transforms.base import Transform
 from torch import Tensor
 
-from .flow import ContinuousFlow, default_flow
+from .flow import ContinuousFlow, resolve_flow
 
 __all__ = ["CNFTransform"]
 
@@ -46,14 +46,8 @@ class CNFTransform(Transform):
         **flow_kwargs: Any,
     ) -> None:
         super().__init__()
-        if flow is None:
-            flow = default_flow(input_dim, hidden_dims, context_dim or 0, **flow_kwargs)
-        elif flow_kwargs:
-            raise ValueError(f"pass either flow= or flow settings, not both (got {sorted(flow_kwargs)})")
-        if flow.input_dim not in (None, input_dim):
-            raise ValueError(f"input_dim={input_dim} but the flow's field has input_dim={flow.input_dim}")
         self.input_dim = input_dim
-        self.flow = flow
+        self.flow = resolve_flow(flow, input_dim, hidden_dims, context_dim or 0, flow_kwargs)
 
     def _solve(self, inputs: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
         if isinstance(inputs, Tensor) and inputs.dim() != 2:

@@ -17,7 +17,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-from .flow import ContinuousFlow, default_flow
+from .flow import ContinuousFlow, resolve_flow
 
 __all__ = ["CNF", "ConditionalCNF", "ConditionedCNF", "cnf", "conditional_cnf"]
 
@@ -93,13 +93,7 @@ class CNF(ConditionedCNF, TransformModule):
         cache_size: int = 1,
         **flow_kwargs: Any,
     ) -> None:
-        if flow is None:
-            flow = default_flow(input_dim, hidden_dims, **flow_kwargs)
-        elif flow_kwargs:
-            raise ValueError(f"pass either flow= or flow settings, not both (got {sorted(flow_kwargs)})")
-        if flow.input_dim not in (None, input_dim):
-            raise ValueError(f"input_dim={input_dim} but the flow's field has input_dim={flow.input_dim}")
-        super().__init__(flow, None, cache_size=cache_size)
+        super().__init__(resolve_flow(flow, input_dim, hidden_dims, 0, flow_kwargs), None, cache_size=cache_size)
         self.input_dim = input_dim
 
 
@@ -133,13 +127,9 @@ class ConditionalCNF(ConditionalTransformModule):
         **flow_kwargs: Any,
     ) -> None:
         super().__init__()
-        if flow is None:
-            flow = default_flow(input_dim, hidden_dims, context_dim, **flow_kwargs)
-        elif flow_kwargs:
-            raise ValueError(f"pass either flow= or flow settings, not both (got {sorted(flow_kwargs)})")
         self.input_dim = input_dim
         self.context_dim = context_dim
-        self.flow = flow
+        self.flow = resolve_flow(flow, input_dim, hidden_dims, context_dim, flow_kwargs)
 
     def condition(self, context: Tensor) -> ConditionedCNF:
         return ConditionedCNF(self.flow, context)
@@ -150,8 +140,7 @@ def cnf(input_dim: int, hidden_dims: Sequence[int] | None = None, **kwargs: Any)
 
     Example:
         >>> from functools import partial
-        >>> from pyro.infer.autoguide import AutoNormalizingFlow
-        >>> make = partial(cnf, hidden_dims=[32, 32])
+        >>> make = partial(cnf, hidden_dims=[32, 32])  # e.g. AutoNormalizingFlow(model, make)
         >>> make(3).flow.vector_field.hidden_dims
         (32, 32)
     """
