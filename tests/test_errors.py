@@ -161,3 +161,117 @@ def test_mismatched_state_dict_names_the_mismatch(other, match):
     saved = CNF(2, hidden_dims=(8,)).state_dict()
     with pytest.raises(ValueError, match=match):
         CNF(other.pop("input_dim"), **other).load_state_dict(saved)
+
+
+# --- fields that are valid but unusual, and fields that return the wrong thing -----------------
+
+
+class Constant(nn.Module):
+    """f = 1: the map is x + T, the log-det 0; f does not depend on x at all."""
+
+    input_dim = 2
+
+    def forward(self, t, x):
+        return torch.ones_like(x)
+
+
+class TimeOnly(nn.Module):
+    """f = w t: depends on a parameter and on t, not on x; the map is x + w T^2 / 2."""
+
+    input_dim = 2
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5, -1.0]))
+
+    def forward(self, t, x):
+        return (self.w * t).expand_as(x)
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson", "auto"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_field_independent_of_x_has_log_det_zero(trace, grad):
+    x = torch.randn(5, 2)
+    for field, shift in ((Constant(), torch.ones(2)), (TimeOnly(), torch.tensor([0.25, -0.5]))):
+        f = ContinuousFlow(field, trace=trace, T=1.0, rtol=1e-7, atol=1e-7)
+        with torch.set_grad_enabled(grad):
+            z, ladj = f(x)
+        torch.testing.assert_close(z, x + shift)
+        torch.testing.assert_close(ladj, torch.zeros(5))
+    if grad:  # the parameter still receives its gradient through the map
+        field = TimeOnly()
+        ContinuousFlow(field, trace=trace)(x)[0].sum().backward()
+        torch.testing.assert_close(field.w.grad, torch.full((2,), 5 * 0.5))
+
+
+@pytest.mark.parametrize(
+    "field, error, match",
+    [
+        (lambda t, x: torch.ones_like(x, dtype=torch.int64), TypeError, "returned torch.int64; expected torch.float32"),
+        (lambda t, x: x.double(), TypeError, "returned torch.float64; expected torch.float32"),
+        (lambda t, x: (x, x), TypeError, "returned tuple; expected a tensor of shape \\(4, 2\\)"),
+        (lambda t, x: x.tolist(), TypeError, "returned list; expected a tensor"),
+    ],
+)
+def test_field_returning_the_wrong_type(field, error, match):
+    class Wrapped(nn.Module):
+        input_dim = 2
+
+        def forward(self, t, x):
+            return field(t, x)
+
+    for trace in ("exact", "hutchinson"):
+        with pytest.raises(error, match=match):
+            ContinuousFlow(Wrapped(), trace=trace)(torch.randn(4, 2))
+
+
+def test_divergence_returning_the_wrong_shape():
+    class BadDivergence(ODENet):
+        def divergence(self, t, x, context=None):
+            f, div = super().divergence(t, x, context)
+            return f, div[:, None]
+
+    with pytest.raises(ValueError, match=r"divergence\(\) returned shape \(4, 1\); expected one value per sample, \(4,\)"):
+        ContinuousFlow(BadDivergence(2, (8,)))(torch.randn(4, 2))
+
+
+def test_nan_field_is_named_nan():
+    class NaNField(nn.Module):
+        input_dim = 2
+
+        def forward(self, t, x):
+            return x * float("nan")
+
+    with pytest.raises(SolverError, match="the vector field returned NaN or inf at t=0"):
+        ContinuousFlow(NaNField(), trace="exact")(torch.randn(4, 2))
+
+
+def test_meta_tensors_are_refused():
+    with pytest.raises(ValueError, match="meta tensor"):
+        flow()(torch.empty(4, 2, device="meta"))
+
+
+def test_inference_mode():
+    x, closed = torch.randn(4, 2), flow()
+    with torch.inference_mode():
+        z, ladj = closed(x)  # the closed form needs no autograd
+    with torch.no_grad():
+        torch.testing.assert_close((z, ladj), closed(x))
+
+    class MLP(nn.Module):
+        input_dim = 2
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(2, 2)
+
+        def forward(self, t, x):
+            return torch.tanh(self.net(x))
+
+    f = ContinuousFlow(MLP())
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inference_mode\(\) forbids: run under torch.no_grad\(\)"):
+        f(x)
+    with torch.inference_mode():  # no trace, no autograd
+        f(x, logdet=False)
+    with torch.no_grad():
+        f(x)

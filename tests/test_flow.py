@@ -175,6 +175,21 @@ class TestEstimators:
         flow.eval()
         assert flow.trace_mode(16) == "exact"
 
+    def test_auto_is_exact_whenever_gradients_are_off(self):
+        # A stochastic estimate cannot be a training loss under no_grad or inference_mode:
+        # there "auto" is exact, even in train mode and above AUTO_EXACT_MAX_DIM.
+        torch.manual_seed(0)
+        flow = ContinuousFlow(NoDivergence(ODENet(6, (8, 8), zero_init=False)), rtol=1e-7, atol=1e-7)
+        assert flow.training and flow.trace_mode(6) == "hutchinson"
+        x = torch.randn(5, 6)
+        with torch.no_grad():
+            assert flow.trace_mode(6) == "exact"
+            first, second = flow.log_prob(x), flow.log_prob(x)
+            flow.trace = "exact"
+            exact = flow.log_prob(x)
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        torch.testing.assert_close(first, exact, rtol=0, atol=0)
+
     def test_hutchinson_mean_approaches_exact(self):
         torch.manual_seed(0)
         net = ODENet(4, (16, 16), zero_init=False).double()
@@ -343,3 +358,17 @@ class TestGradients:
         b.load_state_dict(a.state_dict())
         x = torch.randn(5, 2)
         torch.testing.assert_close(a(x)[1], b(x)[1])
+
+
+@pytest.mark.parametrize("regularize", [False, True])
+def test_deepcopy_after_a_call_with_gradients(regularize):
+    # Nothing of a call (non-leaf tensors: RNODE integrals, the context) stays on the module.
+    import copy
+
+    flow = ContinuousFlow(ODENet(2, (8,), context_dim=1, zero_init=False), regularize=regularize)
+    context = torch.randn(4, 1, requires_grad=True)
+    z, ladj, stats = flow(torch.randn(4, 2), context * 2, return_stats=True)
+    (ladj.sum() + (stats.kinetic_energy.sum() if regularize else 0)).backward()
+    twin = copy.deepcopy(flow)
+    x, c = torch.randn(3, 2), torch.randn(3, 1)
+    torch.testing.assert_close(twin(x, c), flow(x, c))

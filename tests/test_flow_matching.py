@@ -256,6 +256,8 @@ class TestErrors:
             (dict(t=torch.full((4,), math.nan)), ValueError, r"in \[0, T\]"),
             (dict(noise=torch.randn(4, 3)), ValueError, "noise must be"),
             (dict(noise=torch.randn(4, 2, dtype=torch.float64)), ValueError, "noise must be"),
+            (dict(noise=torch.full((4, 2), math.nan)), ValueError, "noise contains NaN"),
+            (dict(x_data=torch.zeros(4, 2, dtype=torch.float64)), TypeError, "parameters are torch.float32"),
         ],
     )
     def test_unconditional_field(self, kwargs, error, match):

@@ -150,3 +150,70 @@ def test_adjoint_backward_failure_raises_solver_error():
     z, ladj = flow(torch.randn(4, 2))
     with pytest.raises(SolverError, match=r"base -> data.*adjoint \(backward\) solve: max_num_steps exceeded"):
         ladj.sum().backward()
+
+
+class TestInitialStep:
+    """The first trial step: the whole interval when one step can cover it, else T/10."""
+
+    def counted(self, a: float):
+        calls = []
+
+        def field(t, y):
+            calls.append(float(t))
+            return a * y
+
+        return field, calls
+
+    @pytest.mark.parametrize("a", [0.0, 0.01, -0.05])
+    def test_slow_linear_field_takes_one_step(self, a):
+        # y' = a y: rate = |a| and d1 = |a| |y| / (atol + rtol |y|), so the error model is
+        # |a|^5 / tol << 1e3: one step over [0, 1], 7 evaluations (the probe is stage 2).
+        field, calls = self.counted(a)
+        y = integrate(field, ONE, 0.0, 1.0, rtol=1e-6, atol=1e-6)
+        assert len(calls) == 7 and max(calls) == 1.0
+        torch.testing.assert_close(y, ONE * math.exp(a), rtol=1e-6, atol=1e-6)
+
+    @pytest.mark.parametrize("t0, t1", [(0.0, 1.0), (1.0, 0.0)])
+    def test_fast_field_pays_one_probe_over_a_tenth(self, t0, t1):
+        # y' = 4 y at 1e-6: 4^5 / 1e-6 >> 1e3, so the first step is (t1 - t0) / 10, and the
+        # solve is the one that starts there, plus the probe evaluation.
+        field, calls = self.counted(4.0)
+        y = integrate(field, ONE, t0, t1, rtol=1e-6, atol=1e-6)
+        n_rule = len(calls)
+        calls.clear()
+        y_tenth = integrate(field, ONE, t0, t1, rtol=1e-6, atol=1e-6, first_step=0.1)
+        assert n_rule == len(calls) + 1
+        torch.testing.assert_close(y, y_tenth, rtol=0, atol=0)
+        torch.testing.assert_close(y, ONE * math.exp(4.0 * (t1 - t0)), rtol=1e-4, atol=0)
+
+    def test_new_random_flow_costs_one_step(self):
+        torch.manual_seed(0)
+        for d in (2, 64):
+            flow = ContinuousFlow(ODENet(d, (64, 64), zero_init=False))
+            flow(torch.randn(256, d))
+            assert flow.nfe == 7
+
+    def test_rule(self):
+        from pyro_cnf.ode.rk import initial_step
+
+        assert initial_step(0.0, 0.0, -2.0, order=5) == -2.0
+        assert initial_step(1e4, 0.05, 1.0, order=5) == 1.0  # 1e4 * 0.05^4 = 0.06 <= 1e3
+        assert initial_step(1e4, 3.0, 1.0, order=5) == 0.1  # 1e4 * 81 > 1e3
+        assert initial_step(1e4, 0.05, 2.0, order=5) == 2.0  # 2^5 * 0.06 = 2 <= 1e3
+        assert initial_step(1e4, 0.05, 8.0, order=5) == 0.8  # 8^5 * 0.06 = 2e3 > 1e3
+
+
+def test_adjoint_supports_a_second_backward_through_the_graph():
+    # torch.autograd.functional.jacobian backpropagates through one graph once per output;
+    # the adjoint guard must keep its inner graph for that, as odeint_adjoint does.
+    torch.manual_seed(0)
+    net = ODENet(2, (8, 8), zero_init=False).double()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    jacobians = []
+    for adjoint in (False, True):
+        flow = ContinuousFlow(net, adjoint=adjoint, rtol=1e-10, atol=1e-10)
+        jacobians.append(torch.autograd.functional.jacobian(lambda v: flow(v)[1], x))
+    torch.testing.assert_close(jacobians[1], jacobians[0], rtol=1e-6, atol=1e-6)
+    z, ladj = ContinuousFlow(net, adjoint=True)(x.requires_grad_())
+    ladj.sum().backward(retain_graph=True)
+    ladj.sum().backward()  # used to fail: "Trying to backward through the graph a second time"

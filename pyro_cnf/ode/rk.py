@@ -103,14 +103,16 @@ def _combine(y: Tensor | None, h: float, weights: tuple[float, ...], k: list[Ten
     return y if out is None else out
 
 
-def _step(func: Func, tab: Tableau, t: float, y: Tensor, h: float, k0: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """One explicit RK step from ``(t, y)`` with ``k0 = func(t, y)``: ``(y_new, stages)``.
+def _step(func: Func, tab: Tableau, t: float, y: Tensor, h: float, k0: Tensor,
+          known: list[Tensor] = ()) -> tuple[Tensor, list[Tensor]]:
+    """One explicit RK step from ``(t, y)`` with ``k0 = func(t, y)``: ``(y_new, stages)``;
+    ``known`` are the first stages after ``k0`` if already evaluated at this ``h``.
 
     With a FSAL tableau the last stage is evaluated at ``y_new`` itself, so ``y_new`` is
     that stage's input, not a second sum over the stages."""
-    k = [k0]
+    k = [k0, *known]
     y_stage = y
-    for c, row in zip(tab.c[1:], tab.a):
+    for c, row in zip(tab.c[len(k):], tab.a[len(k) - 1 :]):
         y_stage = _combine(y, h, row, k)
         k.append(func(y.new_full((), t + c * h), y_stage))
     return (y_stage if tab.fsal else _combine(y, h, tab.b, k)), k
@@ -148,40 +150,31 @@ def _rms(r: Tensor) -> Tensor:
     return r.pow(2).mean().sqrt()
 
 
-def initial_step(func: Func, y0: Tensor, f0: Tensor, t0: float, span: float, *, order: int, rtol: float,
-                 atol: float, norm: Norm = _rms) -> float:
-    """The size of the first trial step, after Hairer, Norsett & Wanner (*Solving ODEs I*,
-    II.4, "Starting step size"), at the cost of one evaluation of ``func``; signed like ``span``.
+def initial_step(d1: float, rate: float, span: float, *, order: int, growth: float = 1e3) -> float:
+    r"""The first trial step, signed like ``span``: the whole interval if one step can cover
+    it, else a tenth of it.
 
-    ``d0, d1`` are the scaled norms of ``y0`` and ``f0``, ``d2`` estimates the second
-    derivative from an explicit Euler step of size ``h0``; the step is chosen so that
-    ``h^order * max(d1, d2) = 0.01``, but never more than ``100 h0``. Unlike the textbook
-    rule (and torchdiffeq's ``_select_initial_step``), a field that is negligible against
-    the tolerances (``d1`` and ``d2`` below ``1e-5``: every new, zero-initialised flow)
-    tries the whole interval at once, instead of starting at ``1e-6`` and growing tenfold
-    per step; so does any field whose estimate exceeds it.
+    ``d1`` is the norm of ``f(t0, y0)`` in units of the tolerances and ``rate`` the relative
+    change of ``f`` per unit time, :math:`\lambda`. Like Hairer, Norsett & Wanner's starting
+    step (*Solving ODEs I*, II.4), the local error of a step :math:`h` is estimated from ``f``
+    and its first derivative alone, here with the derivatives modelled as growing
+    geometrically, :math:`\|y^{(k)}\| pprox \|f\| \lambda^{k-1}`: a step of order
+    :math:`p + 1 =` ``order`` errs by about :math:`h^{p+1} d_1 \lambda^p`, and the whole
+    interval is tried when that is at most ``growth`` (so every new field, smooth and
+    nearly constant in time, takes one step, as zuko's solver does). Otherwise the estimate
+    is too rough to aim a step with (off by up to 2x either way on trained fields, and a
+    step too long costs a rejected step), and ``|span| / 10`` starts the controller.
+    ``benchmarks/initial_step.py`` measures both choices.
 
     Example:
-        >>> zero = lambda t, y: torch.zeros_like(y)  # any step is exact: take them all at once
-        >>> initial_step(zero, torch.ones(3), torch.zeros(3), 0.0, 1.0, order=5, rtol=1e-5, atol=1e-5)
+        >>> initial_step(0.0, 0.0, 1.0, order=5)  # a zero field: any step is exact
         1.0
+        >>> initial_step(3e5, 4.0, -1.0, order=5)  # a trained field, backwards in time
+        -0.1
     """
-    length = abs(span)
-    with torch.no_grad():  # step-size control is not differentiated
-        return _initial_step(func, y0, f0, t0, span, length, order, rtol, atol, norm)
-
-
-def _initial_step(func: Func, y0: Tensor, f0: Tensor, t0: float, span: float, length: float, order: int,
-                  rtol: float, atol: float, norm: Norm) -> float:
-    scale = y0.abs().mul_(rtol).add_(atol)
-    d0, d1 = float(norm(y0 / scale)), float(norm(f0 / scale))
-    h0 = length if d1 < 1e-5 else min(length, 0.01 * d0 / d1 if d0 >= 1e-5 else 1e-6)
-    direction = math.copysign(1.0, span)
-    f1 = func(y0.new_full((), t0 + direction * h0), y0.add(f0, alpha=direction * h0))
-    d2 = float(norm((f1 - f0).div_(scale))) / h0
-    worst = max(d1, d2)
-    h1 = length if worst < 1e-5 else (0.01 / worst) ** (1.0 / order)
-    return direction * min(100 * h0, h1, length)
+    if d1 * abs(span) ** order * rate ** (order - 1) <= growth:
+        return span
+    return span / 10
 
 
 def integrate_adaptive(
@@ -204,7 +197,9 @@ def integrate_adaptive(
 
     A step from ``y`` to ``y_new`` is accepted when
     ``norm(error / (atol + rtol * max(|y|, |y_new|))) <= 1``. The first trial step is
-    ``first_step``, or :func:`initial_step`'s choice; the next is the current one times
+    ``first_step``, or :func:`initial_step`'s choice from one probe evaluation that is
+    also the second stage of a step over the whole interval (so a field that one step
+    integrates costs one step: 7 evaluations with dopri5); the next is the current one times
     ``safety * ratio^(-1/order)``, clipped to ``[dfactor, ifactor]`` (never below 1 after an
     accepted step, never above 1 right after a rejection). The last step lands on ``t1``.
 
@@ -226,10 +221,22 @@ def integrate_adaptive(
     exponent = -1.0 / tab.order
     t, y = t0, y0
     k0 = func(y.new_full((), t), y)
-    if first_step is None:
-        h = initial_step(func, y, k0, t, span, order=tab.order, rtol=rtol, atol=atol, norm=norm)
-    else:
+    known: list[Tensor] = []
+    if first_step is not None:
         h = math.copysign(abs(first_step), span)
+    else:
+        # The second stage of a step over the whole interval, an Euler step of c1 * span,
+        # doubles as the probe of how fast f changes: if that step is the one to take,
+        # the probe is not wasted.
+        probe = tab.c[1] * span
+        k1 = func(y.new_full((), t + probe), y.add(k0, alpha=probe))
+        with torch.no_grad():
+            scale = y.abs().mul_(rtol).add_(atol)
+            d1 = float(norm(k0 / scale))
+            rate = float(norm((k1 - k0).div_(scale))) / abs(probe) / d1 if d1 > 0 else 0.0
+        h = initial_step(d1, rate, span, order=tab.order)
+        if h == span:
+            known = [k1]  # the probe is this step's second stage
     rejected = nonfinite = False
     for _ in range(max_num_steps):
         if (t1 - t) * span <= 0:
@@ -241,7 +248,8 @@ def integrate_adaptive(
             h = t1 - t
         if abs(h) <= tiny:
             raise SolverError(f"underflow in dt {h:.3g}" + (", the last trial step overflowed to NaN or inf" if nonfinite else ""))
-        y_new, k = _step(func, tab, t, y, h, k0)
+        y_new, k = _step(func, tab, t, y, h, k0, known)
+        known = []
         with torch.no_grad():  # step-size control is not differentiated
             scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
             ratio = float(norm(_combine(None, h, tab.e, k).div_(scale)))

@@ -1,0 +1,41 @@
+"""The package as a whole: light to import, clean to compile."""
+
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import pyro_cnf
+
+SOURCES = sorted(pathlib.Path(pyro_cnf.__file__).parent.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_sources_compile_without_warnings(path):
+    # A non-raw docstring with "\\m" compiles with a SyntaxWarning (an error in a future
+    # Python) and renders "\\t" as a tab: compiled here from source, not from a cached .pyc.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compile(path.read_text(), str(path), "exec")
+
+
+def test_import_is_light_and_adapters_load_on_first_use():
+    code = (
+        "import sys, pyro_cnf\n"
+        "print([m for m in ('pyro', 'nflows', 'torchdiffeq', 'scipy', 'matplotlib') if m in sys.modules])\n"
+        "pyro_cnf.CNF(2)\n"
+        "print('pyro' in sys.modules, 'nflows' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "True False"
+
+
+def test_public_names():
+    for name in pyro_cnf.__all__:
+        assert getattr(pyro_cnf, name) is not None
+    assert set(pyro_cnf.__all__) <= set(dir(pyro_cnf))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        pyro_cnf.Nope  # noqa: B018
