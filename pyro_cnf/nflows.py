@@ -52,7 +52,8 @@ class CNFTransform(Transform):
     def _solve(self, inputs: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
         if isinstance(inputs, Tensor) and inputs.dim() != 2:
             raise ValueError(f"inputs must have shape [batch, {self.input_dim}], got {tuple(inputs.shape)}")
-        if isinstance(context, Tensor) and (context.dim() != 2 or context.shape[0] != inputs.shape[0]):
+        rows = isinstance(context, Tensor) and self.flow.context_dim  # else the flow says what is wrong
+        if rows and (context.dim() != 2 or context.shape[0] != inputs.shape[0]):
             raise ValueError(
                 f"context must have shape [batch, context_dim] with the {inputs.shape[0]} rows of "
                 f"inputs, got {tuple(context.shape)}"

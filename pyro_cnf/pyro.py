@@ -63,6 +63,17 @@ class ConditionedCNF(Transform):
             return self
         return ConditionedCNF(self.flow, self.context, cache_size=cache_size)
 
+    def clear_cache(self) -> None:
+        """Forget the cached pair (Pyro's ``TransformedDistribution.clear_cache()`` calls
+        this): needed when the same input tensor is passed again after the parameters
+        changed, e.g. a full-batch training loop on one data tensor."""
+        self._cached_x_y = None, None
+        self._cached_ladj = None
+
+
+def _clear_cache_after_load(module: ConditionedCNF, incompatible_keys: Any) -> None:
+    module.clear_cache()  # new parameters: the cached pair is stale
+
 
 class CNF(ConditionedCNF, TransformModule):
     """Continuous normalizing flow as a Pyro :class:`TransformModule` (base -> data).
@@ -95,6 +106,7 @@ class CNF(ConditionedCNF, TransformModule):
     ) -> None:
         super().__init__(resolve_flow(flow, input_dim, hidden_dims, 0, flow_kwargs), None, cache_size=cache_size)
         self.input_dim = input_dim
+        self.register_load_state_dict_post_hook(_clear_cache_after_load)
 
 
 class ConditionalCNF(ConditionalTransformModule):
