@@ -10,11 +10,11 @@ bookkeeping at ``d = 64`` (``benchmarks/profile_w1.py``).
 Two entry points: :func:`integrate_fixed` (``steps`` equal steps of any tableau) and
 :func:`integrate_adaptive` (``dopri5`` with error control); :func:`integrate` picks one.
 
-Methods: ``dopri5`` (Dormand & Prince 1980, with Hairer's embedded error estimate, Hairer,
-Norsett & Wanner, *Solving ODEs I*, II.4 and II.5; torchdiffeq's dopri5 estimates the error
-with Shampine's embedded pair instead, whose estimate is about 1.5 times larger, so at
-equal tolerances this solver takes somewhat longer steps), and the fixed grids ``euler``,
-``midpoint`` and ``rk4`` (the 3/8 rule, as torchdiffeq's ``rk4``).
+Methods: ``dopri5`` (Dormand & Prince 1980, with the embedded fourth-order solution of
+Hairer, Norsett & Wanner, *Solving ODEs I*, II.4 and II.5, whose error weights are 1.5 times
+torchdiffeq's: at equal tolerances this solver is stricter, its steps about
+``1.5^(1/5)``, 8%, shorter), and the fixed grids ``euler``, ``midpoint`` and ``rk4`` (the 3/8
+rule, as torchdiffeq's ``rk4``).
 """
 
 from __future__ import annotations
