@@ -29,7 +29,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from .nets import ODENet
 from .solvers import METHODS as OWN_METHODS, SolverError, integrate
-from .trace import exact_divergence, hutchinson_divergence, identity_basis, probe_noise
+from .trace import cheapest_exact, exact_divergence, hutchinson_divergence, identity_basis, probe_noise
 
 __all__ = ["ContinuousFlow", "SolverError", "AUTO_EXACT_MAX_DIM", "default_flow"]
 
@@ -220,7 +220,10 @@ class ContinuousFlow(nn.Module):
         T: The end time.
         trace: ``"exact"``, ``"hutchinson"`` or ``"auto"``. Auto is exact when the field has
             a closed-form divergence, in eval mode, or when ``d <= AUTO_EXACT_MAX_DIM``;
-            Hutchinson otherwise. A runtime setting: changing it never touches the state dict.
+            Hutchinson otherwise. The exact trace of a field with a closed form is that or
+            batched VJPs, whichever the field's ``trace_costs`` says is cheaper
+            (:func:`~pyro_cnf.trace.cheapest_exact`). A runtime setting: changing it never
+            touches the state dict.
         noise: Hutchinson probes, ``"rademacher"`` or ``"gaussian"``, drawn once per solve.
         method: A torchdiffeq method. Adaptive: dopri5, dopri8, bosh3, fehlberg2,
             adaptive_heun. Fixed-grid (need ``steps`` or ``options["step_size"]``): euler,
@@ -325,8 +328,8 @@ class ContinuousFlow(nn.Module):
             raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {self.trace!r}")
         if self.trace == "hutchinson":
             return "hutchinson"
-        if hasattr(self.vector_field, "divergence"):
-            return "closed"
+        if hasattr(self.vector_field, "divergence"):  # exact: its closed form or VJPs, by cost
+            return cheapest_exact(self.vector_field)
         if self.trace == "exact" or not self.training or dim <= AUTO_EXACT_MAX_DIM:
             return "exact"
         return "hutchinson"

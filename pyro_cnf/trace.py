@@ -13,9 +13,9 @@ References:
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["exact_divergence", "hutchinson_divergence", "identity_basis", "probe_noise"]
+__all__ = ["cheapest_exact", "exact_divergence", "hutchinson_divergence", "identity_basis", "probe_noise"]
 
 
 def identity_basis(x: Tensor) -> Tensor:
@@ -68,3 +68,28 @@ def hutchinson_divergence(
     """
     (vjp,) = torch.autograd.grad(f, x, noise, create_graph=create_graph)
     return (vjp * noise).sum(-1), vjp
+
+
+
+def cheapest_exact(field: nn.Module, grad: bool | None = None) -> str:
+    """The cheaper exact trace of ``field``: ``"closed"`` (its ``divergence``) or ``"exact"``
+    (``d`` VJPs in one batched call, :func:`exact_divergence`).
+
+    A field without ``divergence`` has only the VJPs. One with it is asked for
+    ``trace_costs(grad) -> {"closed": c1, "exact": c2, ...}`` (modelled costs, e.g.
+    :meth:`pyro_cnf.ODENet.trace_costs`) and gets the cheaper; without ``trace_costs`` its
+    ``divergence`` is trusted to be the cheaper. ``grad``: whether the trace will be
+    differentiated (training), by default whether autograd is recording now.
+
+    Example:
+        >>> from pyro_cnf import ODENet
+        >>> cheapest_exact(ODENet(2, (64, 64, 64, 64)), grad=True)
+        'closed'
+    """
+    if not hasattr(field, "divergence"):
+        return "exact"
+    costs = getattr(field, "trace_costs", None)
+    if costs is None:
+        return "closed"
+    costs = costs(torch.is_grad_enabled() if grad is None else grad)
+    return "exact" if costs["exact"] < costs["closed"] else "closed"

@@ -1,0 +1,187 @@
+"""Cost of the exact trace of an ``ODENet`` field, every method, and what ``trace="auto"`` picks.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/trace_cost.py            # the issue's grid
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/trace_cost.py --depths 3 --dims 8 --repeats 5
+
+One evaluation of ``(f, tr df/dx)`` at batch 2000, one torch thread, float32, hidden width 64,
+for every (depth, d); ``eval`` runs under ``no_grad`` (sampling, evaluation), ``train``
+differentiates ``f.sum() + div.sum()`` w.r.t. the parameters and ``x`` (training by direct
+backpropagation; the forward column is then the field's forward + backward). Methods:
+
+* ``forward``: the field alone, the unit of every ratio;
+* ``closed``: ``ODENet.divergence`` as shipped (its own choice of contraction);
+* ``tangents`` / ``cyclic``: the two deep contractions forced (3+ hidden layers);
+* ``vjp``: ``d`` VJPs in one batched autograd call (:func:`pyro_cnf.trace.exact_divergence`);
+* ``vjp_loop``: a Python loop of ``d`` VJPs;
+* ``old``: the per-sample Jacobian carry this branch replaces (a private copy below).
+
+Times are process CPU ms, medians of interleaved rounds (every method in turn, ``--repeats``
+rounds), so that drifts of a shared machine spread over all methods alike. ``auto`` is what
+:meth:`ContinuousFlow.trace_mode` picks (``closed`` = the field's divergence with its own
+contraction, ``exact`` = batched VJPs); its ratio is to the cheapest measured method of the
+row, any of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import machine, table  # noqa: E402
+
+from pyro_cnf import ODENet  # noqa: E402
+from pyro_cnf.trace import cheapest_exact, exact_divergence, identity_basis  # noqa: E402
+
+METHODS = ("forward", "closed", "tangents", "cyclic", "vjp", "vjp_loop", "old")
+
+
+def old_carry(net: ODENet, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor]) -> Tensor:
+    """The carry of 3+ hidden layers before this branch: the per-sample ``(N, h, d)``
+    Jacobian pushed through ``w @ jac``, a broadcast batched matmul of N tiny matrices."""
+    w_in, w_out = layers[0][0][:, : net.input_dim], layers[-1][0]
+    jac = slopes[0].unsqueeze(-1) * w_in
+    for (w, _), s in zip(layers[1:-2], slopes[1:-1]):
+        jac = s.unsqueeze(-1) * (w @ jac)
+    wj = layers[-2][0] @ jac
+    return (slopes[-1] * (wj * w_out.t()).sum(-1)).sum(-1)
+
+
+def cases(net: ODENet, x: Tensor, train: bool) -> dict[str, Callable[[], object]]:
+    """One callable per method: an evaluation of ``(f, div)``, plus its backward in training."""
+    t = torch.tensor(0.5)
+    d = x.shape[1]
+    basis = identity_basis(x)
+
+    def pass_(xx: Tensor):
+        f, layers, slopes = net._pass(t, xx, None, "benchmark")
+        return f, layers, slopes
+
+    def deep(kind: str):
+        def fn(xx: Tensor):
+            f, layers, slopes = pass_(xx)
+            w_in, w_out = layers[0][0][:, :d], layers[-1][0]
+            if kind == "tangents":
+                return f, net._trace_tangents(w_in, w_out, layers, slopes, inplace=not train)
+            if kind == "cyclic":
+                return f, net._trace_cyclic(w_in @ w_out, layers, slopes, inplace=not train)
+            return f, old_carry(net, layers, slopes)
+
+        return fn
+
+    def vjp(xx: Tensor):
+        with torch.enable_grad():
+            xx = xx if xx.requires_grad else xx.detach().requires_grad_()
+            f = net(t, xx)
+            return f, exact_divergence(f, xx, basis, create_graph=train)
+
+    def vjp_loop(xx: Tensor):
+        with torch.enable_grad():
+            xx = xx if xx.requires_grad else xx.detach().requires_grad_()
+            f = net(t, xx)
+            div = 0
+            for i in range(d):
+                (row,) = torch.autograd.grad(f[:, i].sum(), xx, create_graph=train, retain_graph=True)
+                div = div + row[:, i]
+            return f, div
+
+    fns: dict[str, Callable[[Tensor], object]] = {
+        "forward": lambda xx: (net(t, xx), None),
+        "closed": lambda xx: net.divergence(t, xx),
+        "vjp": vjp,
+        "vjp_loop": vjp_loop,
+    }
+    if len(net.hidden_dims) >= 3:
+        fns.update(tangents=deep("tangents"), cyclic=deep("cyclic"), old=deep("old"))
+
+    def run(fn: Callable[[Tensor], object]) -> Callable[[], object]:
+        def go() -> object:
+            if not train:
+                with torch.no_grad():
+                    return fn(x)
+            xx = x.detach().requires_grad_()
+            f, div = fn(xx)
+            loss = f.sum() if div is None else f.sum() + div.sum()
+            loss.backward()
+            return None
+
+        return go
+
+    return {name: run(fns[name]) for name in METHODS if name in fns}
+
+
+def measure(depth: int, d: int, train: bool, *, hidden: int = 64, batch: int = 2000, repeats: int = 7,
+            seed: int = 0, methods: tuple[str, ...] = METHODS) -> dict[str, float]:
+    """Median CPU ms of every method for one configuration (interleaved rounds)."""
+    torch.manual_seed(seed)
+    net = ODENet(d, (hidden,) * depth, zero_init=False)
+    net.requires_grad_(train)
+    x = torch.randn(batch, d)
+    fns = {k: v for k, v in cases(net, x, train).items() if k in methods}
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.process_time()
+            fn()
+            times[name].append(1e3 * (time.process_time() - start))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def auto_choice(depth: int, d: int, train: bool, hidden: int = 64) -> tuple[str, str]:
+    """What ``trace="auto"`` runs: the flow-level mode and, for ``closed``, the contraction."""
+    net = ODENet(d, (hidden,) * depth, zero_init=False)
+    net.requires_grad_(train)
+    with torch.set_grad_enabled(train):
+        mode = cheapest_exact(net, d)
+    inner = net._deep_method(train) if depth >= 3 else "closed"
+    return mode, inner
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--dims", type=int, nargs="+", default=[2, 8, 32, 64])
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--modes", nargs="+", default=["eval", "train"], choices=["eval", "train"])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    headers = ["depth", "d", "mode", "forward ms", *(f"{m} ms (x fwd)" for m in METHODS[1:]),
+               "auto picks", "auto / cheapest", "closed <= 3x fwd", "closed <= min(vjp, old)"]
+    rows = []
+    for mode in args.modes:
+        train = mode == "train"
+        for depth in args.depths:
+            for d in args.dims:
+                ms = measure(depth, d, train, hidden=args.hidden, batch=args.batch, repeats=args.repeats)
+                fwd = ms["forward"]
+                flow_mode, inner = auto_choice(depth, d, train, args.hidden)
+                auto_ms = ms["closed"] if flow_mode == "closed" else ms["vjp"]
+                cheapest = min(v for k, v in ms.items() if k != "forward")
+                rivals = [ms[k] for k in ("vjp", "old") if k in ms]
+                target3 = "-" if depth < 3 or d > 8 else ("met" if ms["closed"] <= 3 * fwd else "NOT met")
+                cells = [f"{ms[m]:.3g} ({ms[m] / fwd:.2g}x)" if m in ms else "-" for m in METHODS[1:]]
+                pick = flow_mode if flow_mode != "closed" else f"closed ({inner})"
+                rows.append([depth, d, mode, fwd, *cells, pick, auto_ms / cheapest, target3,
+                             "met" if ms["closed"] <= min(rivals) else "NOT met"])
+                print(f"depth {depth} d {d} {mode}: " + ", ".join(f"{k} {v:.3g}" for k, v in ms.items()),
+                      file=sys.stderr, flush=True)
+    print(f"Exact trace of ODENet, hidden width {args.hidden}, batch {args.batch}, float32; "
+          f"CPU ms, medians of {args.repeats} interleaved rounds. {machine()}\n")
+    print(table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
