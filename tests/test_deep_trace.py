@@ -21,7 +21,8 @@ DEEP_METHODS = ("tangents", "cyclic")
 def cases():
     for hidden, d, context_dim in itertools.product(HIDDEN, (1, 2, 3, 8), (0, 2)):
         for method in DEEP_METHODS if len(hidden) >= 3 else ("closed",):
-            yield pytest.param(hidden, d, context_dim, method, id=f"{len(hidden)}x-d{d}-c{context_dim}-{method}")
+            name = f"{len(hidden)}x-d{d}-c{context_dim}-{method}"
+            yield pytest.param(hidden, d, context_dim, method, id=name)
 
 
 def make(hidden, d, context_dim, method, activation="softplus", n=5, seed=0):
@@ -117,6 +118,19 @@ def test_float32_and_device_follow_the_input(method):
     assert div.device.type == "meta" and div.shape == (x.shape[0],)
 
 
+def test_divergence_asks_the_model_whether_the_trace_is_differentiated():
+    net, t, x, _ = make((5, 4, 6), 3, 0, "closed")
+    asked = []
+    net._deep_method = lambda grad: asked.append(grad) or "tangents"
+    with torch.no_grad():
+        net.divergence(t, x)  # sampling, evaluation
+    net.divergence(t, x)  # the parameters require grad: training
+    net.requires_grad_(False)
+    net.divergence(t, x)  # a frozen net: nothing to differentiate
+    net.divergence_jvp(t, x.requires_grad_(), x)  # but the input is differentiated
+    assert asked == [False, True, False, True]
+
+
 class TestCostModel:
     """The model's choices on pinned cases where the measured ratio is large (see
     benchmarks/trace_cost.py: batch 2000, one thread; the ratio is measured / measured)."""
@@ -176,7 +190,8 @@ class TestAutoPicksByCost:
         flow.trace = "auto"
         x = torch.randn(4, 3, dtype=torch.float64)
         _, ladj = flow(x)
-        torch.testing.assert_close(ladj, torch.diagonal(field.A).sum().detach().expand(4), rtol=1e-4, atol=1e-4)
+        expected = torch.diagonal(field.A).sum().detach().expand(4)
+        torch.testing.assert_close(ladj, expected, rtol=1e-4, atol=1e-4)
 
     def test_without_costs_the_closed_form_is_trusted(self):
         field = ClosedLinearField(random_matrix(3))
