@@ -15,11 +15,15 @@ which the flow then uses for the exact trace instead of d vector-Jacobian produc
 which the flow uses for Hutchinson's estimator and the Jacobian penalty instead of a VJP,
 and ``divergence_jvp(t, x, v, context=None) -> (f, div, J v)``, both from one pass, which
 the flow uses for the exact trace with RNODE's Jacobian penalty. :class:`ODENet`
-implements all three in closed form.
+implements all three in closed form. Finally ``trace_costs(grad) -> {"closed": c1,
+"exact": c2, ...}``, the modelled cost of ``divergence`` and of ``d`` batched VJPs, lets the
+flow run whichever exact trace is cheaper (:func:`pyro_cnf.trace.cheapest_exact`); without
+it the flow trusts ``divergence`` to be the cheaper.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ODENet", "ACTIVATIONS"]
+__all__ = ["ODENet", "ACTIVATIONS", "TRACE_COST_MODEL"]
 
 
 def _softplus_grad(u: Tensor, h: Tensor) -> Tensor:
@@ -62,6 +66,50 @@ ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tenso
 }
 
 
+#: The cost model behind :meth:`ODENet.trace_costs`. Each part of an evaluation costs
+#: ``a * multiply_adds + b * elements`` per sample, in multiply-adds of a float32 GEMM;
+#: ``(a, b)`` without and with the backward pass of training. Elements: the hidden units
+#: (bias, activation) for the forward pass and for each VJP; the ``(N, d, h)`` tangents
+#: written per hidden layer for ``tangents``; the ``(N, h_1, h)`` products for ``cyclic``,
+#: whose GEMM runs slower per multiply-add (its depth is ``h^2``). Fitted on
+#: ``benchmarks/trace_cost.py`` measurements (one MKL thread, batch 1000-2000, widths
+#: 32-128, 3-5 hidden layers, d = 1-128; median error 6-20%), with which the choice it makes
+#: is everywhere within 1.2x of the measured cheapest.
+TRACE_COST_MODEL: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "forward": ((1.0, 135.0), (2.9, 350.0)),
+    "tangents": ((1.0, 35.0), (3.7, 180.0)),
+    "cyclic": ((1.65, 10.0), (7.9, 63.0)),
+    "vjp": ((1.15, 80.0), (4.7, 380.0)),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _trace_costs(
+    d: int, context_dim: int, hidden: tuple[int, ...], grad: bool
+) -> tuple[tuple[str, float], ...]:
+    """:meth:`ODENet.trace_costs` of an architecture (cached: the flow asks per solve and the
+    net per evaluation)."""
+
+    def cost(part: str, multiply_adds: int, elements: int) -> float:
+        a, b = TRACE_COST_MODEL[part][grad]
+        return a * multiply_adds + b * elements
+
+    sizes = (d + context_dim, *hidden, d)
+    forward_macs = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    forward = cost("forward", forward_macs, sum(hidden))
+    one_pass = 1.1 * forward  # divergence's forward pass also computes the activation slopes
+    costs = {"exact": forward + d * cost("vjp", forward_macs, sum(hidden))}  # one backward per direction
+    products = [a * b for a, b in zip(hidden[:-1], hidden[1:])]  # the hidden-to-hidden GEMMs
+    if len(hidden) >= 3:
+        costs["tangents"] = one_pass + cost("tangents", d * sum(products), d * sum(hidden[1:-1]))
+        h_1 = hidden[0]  # the cycle's (h_1, h) products through layers L .. 3, then one closing GEMM
+        costs["cyclic"] = one_pass + cost("cyclic", h_1 * sum(products[1:]), h_1 * sum(hidden[2:]))
+        costs["closed"] = min(costs["tangents"], costs["cyclic"])
+    else:  # the closed forms of 0-2 hidden layers: at most one (N, h_1) x (h_1, h_2) product
+        costs["closed"] = one_pass + cost("tangents", sum(products), 0)
+    return tuple((k, v / forward) for k, v in costs.items())
+
+
 class ODENet(nn.Module):
     r"""Time-conditioned MLP field with concat-squash layers (Grathwohl et al., 2019).
 
@@ -76,9 +124,12 @@ class ODENet(nn.Module):
     property of the trace: with one hidden layer :math:`\mathrm{tr} J = D_1^\top
     \mathrm{diag}(W'_{1,x} W'_2)`, with two :math:`\mathrm{tr} J = D_2^\top M D_1` where
     :math:`M = W'_2 \odot (W'_{1,x} W'_3)^\top`; both cost :math:`O(h^2)` per sample,
-    about one forward pass, independently of ``d``. Deeper nets carry the per-sample
-    Jacobian of the first layers forward, :math:`O(h^2 d)` per sample and layer, which
-    still beats ``d`` autograd passes.
+    about one forward pass, independently of ``d``. Deeper nets use the cheaper, by
+    :meth:`trace_costs`, of two exact contractions: forward mode along the ``d`` basis
+    directions at once (:math:`O(d h^2)` per sample and layer, one GEMM per layer; about
+    ``1 + d / 3`` forward passes at width 64), or, when ``d`` approaches ``h``, the cyclic
+    product :math:`\mathrm{tr}(D_1 W'_{1,x} W'_{L+1} D_L W'_L \cdots D_2 W'_2)`
+    (:math:`O(h^3)` per sample and layer, one layer fewer, independent of ``d``).
 
     Arguments:
         input_dim: The dimension ``d`` of ``x``.
@@ -205,7 +256,34 @@ class ODENet(nn.Module):
         f, layers, pre = self._hidden(t, x, context)
         return f, layers, [self._act_grad(u, h) for u, h in pre]
 
-    def _trace(self, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor], n: int) -> Tensor:
+    def trace_costs(self, grad: bool = False) -> dict[str, float]:
+        """Modelled cost of one evaluation of ``(f, tr J)`` by each exact method, in forward
+        passes of the field (forward and backward passes when ``grad``, i.e. when the trace
+        is differentiated, as in training): ``"closed"`` is :meth:`divergence`, ``"exact"``
+        is ``d`` VJPs in one batched autograd call (:func:`~pyro_cnf.trace.exact_divergence`)
+        and, with 3+ hidden layers, ``"tangents"`` and ``"cyclic"`` are the two contractions
+        :meth:`divergence` chooses between. See :data:`TRACE_COST_MODEL`.
+
+        Example:
+            >>> costs = ODENet(2, (64, 64, 64, 64)).trace_costs()
+            >>> costs["closed"] < costs["exact"] < costs["cyclic"]
+            True
+        """
+        return dict(_trace_costs(self.input_dim, self.context_dim, self.hidden_dims, bool(grad)))
+
+    def _deep_method(self, grad: bool) -> str:
+        """The cheaper contraction for 3+ hidden layers by :meth:`trace_costs`: ``"tangents"``
+        or ``"cyclic"``."""
+        costs = _trace_costs(self.input_dim, self.context_dim, self.hidden_dims, grad)
+        return min((c, k) for k, c in costs if k in ("tangents", "cyclic"))[1]
+
+    def _trace(self, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor], n: int, grad: bool) -> Tensor:
+        r"""Exact :math:`\mathrm{tr} J` per sample, shape ``(n,)``, from one forward pass.
+
+        ``layers`` are the time-folded ``(W', b')``, ``slopes`` the ``(n, h_l)`` activation
+        slopes; ``grad`` says whether the result will be differentiated, which changes which
+        contraction is cheapest for three or more hidden layers (:meth:`trace_costs`).
+        """
         d = self.input_dim
         w_in = layers[0][0][:, :d]  # only the x-columns of the first layer enter the Jacobian
         w_out = layers[-1][0]
@@ -216,13 +294,74 @@ class ODENet(nn.Module):
         if len(slopes) == 2:
             m = layers[1][0] * (w_in @ w_out).t()
             return ((slopes[0] @ m.t()) * slopes[1]).sum(-1)
-        # Deeper: carry the per-sample Jacobian dh_l/dx of the first layers forward, then
-        # close the last two layers with the same cyclic contraction as above.
-        jac = slopes[0].unsqueeze(-1) * w_in
-        for (w, _), s in zip(layers[1:-2], slopes[1:-1]):
-            jac = s.unsqueeze(-1) * (w @ jac)
-        wj = layers[-2][0] @ jac  # (N, h_L, d): no (N, h, h) intermediate
-        return (slopes[-1] * (wj * w_out.t()).sum(-1)).sum(-1)
+        if self._deep_method(grad) == "cyclic":
+            return self._trace_cyclic(w_in @ w_out, layers, slopes, inplace=not grad)
+        return self._trace_tangents(w_in, w_out, layers, slopes, inplace=not grad)
+
+    @staticmethod
+    def _trace_tangents(
+        w_in: Tensor, w_out: Tensor, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor], inplace: bool
+    ) -> Tensor:
+        r"""Forward mode along the ``d`` basis directions at once, :math:`O(d h^2)` per sample
+        and layer, as a few large matmuls.
+
+        The tangents of sample ``n`` are kept as ``d`` consecutive rows of an ``(N d, h)``
+        matrix, so each layer is ONE ``(N d, h) @ (h, h)`` GEMM, not ``N`` tiny products.
+        The first two and the last two layers are fused into sample-independent matrices,
+        which skips the elementwise passes over the ``(N, d, h)`` tangents at both ends:
+
+        * in: the tangent of :math:`u_2` along :math:`e_m` is
+          :math:`W_2 (s_1 \odot W_{\mathrm{in}} e_m)`, i.e. ``s_1 @ K`` with
+          ``K[i, m h_2 + k] = W_in[i, m] W_2[k, i]``, shape ``(h_1, d h_2)``;
+        * out: only the diagonal of :math:`W_{\mathrm{out}} D_L W_L T` is needed,
+          :math:`\sum_k s_{L,k} \sum_{m,j} T_{mj} W_{\mathrm{out},mk} W_{L,kj}`, i.e.
+          ``(T.view(N, d h) @ K) . s_L`` with ``K[m h + j, k] = W_out[m, k] W_L[k, j]``.
+
+        ``inplace`` scales the tangents in place (no autograd graph to keep): fewer large
+        allocations, which cost page faults at large ``d``.
+        """
+        scale = torch.Tensor.mul_ if inplace else torch.mul
+        n, d = slopes[0].shape[0], w_in.shape[1]
+        w2 = layers[1][0]
+        k_in = (w_in.unsqueeze(-1) * w2.t().unsqueeze(1)).reshape(w_in.shape[0], -1)
+        tangent = slopes[0] @ k_in  # (N, d h_2): pre-activation tangents of layer 2
+        for (w, _), s in zip(layers[2:-2], slopes[1:-2]):  # layers 3 .. L-1
+            tangent = scale(tangent.view(n, d, -1), s.unsqueeze(1)).view(n * d, -1) @ w.t()
+        w_last = layers[-2][0]  # (h_L, h_{L-1})
+        k_out = (w_out.unsqueeze(-1) * w_last.unsqueeze(0)).transpose(1, 2).reshape(-1, w_last.shape[0])
+        tangent = scale(tangent.view(n, d, -1), slopes[-2].unsqueeze(1)).view(n, -1)
+        return ((tangent @ k_out) * slopes[-1]).sum(-1)
+
+    @staticmethod
+    def _trace_cyclic(
+        a: Tensor, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor], inplace: bool
+    ) -> Tensor:
+        r"""The trace as a cycle through the hidden layers: :math:`O(h^3)` per sample and
+        layer, but one layer fewer than :meth:`_trace_tangents`, and independent of ``d``;
+        cheaper when ``d`` is close to ``h``.
+
+        By the cyclic property, :math:`\mathrm{tr} J = \mathrm{tr}(D_1 A D_L W_L D_{L-1}
+        \cdots W_3 D_2 W_2)` with the sample-independent :math:`A = W_{\mathrm{in}}
+        W_{\mathrm{out}}`, shape ``(h_1, h_L)``. The per-sample ``(h_1, h)`` product starts
+        as :math:`D_1 A D_L` (an outer product of the slopes times ``A``) and is carried
+        through :math:`W_L, \ldots, W_4` as one ``(N h_1, h) @ (h, h)`` GEMM per layer; the
+        last two factors close it in one more GEMM, :math:`\sum_k s_{2,k} \sum_{ij} R_{ij}
+        G_{ij,k}` with ``G[i h_3 + j, k] = W_3[j, k] W_2[k, i]``. With three hidden layers
+        ``A`` is folded into ``G`` as well, which leaves one elementwise pass over the
+        ``(N, h_1, h_3)`` outer product. ``inplace`` as in :meth:`_trace_tangents`.
+        """
+        scale = torch.Tensor.mul_ if inplace else torch.mul
+        n = slopes[0].shape[0]
+        w3, w2 = layers[2][0], layers[1][0]
+        close = w3.unsqueeze(0) * w2.t().unsqueeze(1)  # (h_1, h_3, h_2): [i, j, k] = W_3[j, k] W_2[k, i]
+        chain = slopes[0].unsqueeze(-1) * slopes[-1].unsqueeze(1)  # (N, h_1, h_L)
+        if len(slopes) == 3:
+            close = close * a.unsqueeze(-1)
+        else:
+            chain = scale(chain, a)
+            for (w, _), s in zip(reversed(layers[3:-1]), reversed(slopes[2:-1])):  # W_L .. W_4
+                chain = scale((chain.view(-1, w.shape[0]) @ w).view(n, a.shape[0], -1), s.unsqueeze(1))
+        return ((chain.view(n, -1) @ close.reshape(-1, w2.shape[0])) * slopes[1]).sum(-1)
 
     def _tangent(self, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor], v: Tensor) -> Tensor:
         tangent = v @ layers[0][0][:, : self.input_dim].t()
@@ -235,7 +374,7 @@ class ODENet(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         r"""The field and its exact divergence :math:`\mathrm{tr}(\partial f / \partial x)`."""
         f, layers, slopes = self._pass(t, x, context, "divergence")
-        return f, self._trace(layers, slopes, x.shape[0])
+        return f, self._trace(layers, slopes, x.shape[0], f.requires_grad)
 
     def jvp(
         self, t: Tensor, x: Tensor, v: Tensor, context: Tensor | None = None
@@ -255,4 +394,4 @@ class ODENet(nn.Module):
         """``(f, div, J v)`` from ONE forward pass: the exact trace with RNODE's Jacobian
         penalty probe costs a third less than :meth:`divergence` and :meth:`jvp` apart."""
         f, layers, slopes = self._pass(t, x, context, "divergence_jvp")
-        return f, self._trace(layers, slopes, x.shape[0]), self._tangent(layers, slopes, v)
+        return f, self._trace(layers, slopes, x.shape[0], f.requires_grad), self._tangent(layers, slopes, v)

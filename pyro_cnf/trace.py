@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "AUTO_EXACT_MAX_DIM",
+    "cheapest_exact",
     "ESTIMATORS",
     "NOISES",
     "exact_divergence",
@@ -44,7 +45,8 @@ def trace_mode(trace: str, field: nn.Module, dim: int, *, training: bool) -> str
 
     ``"auto"`` is exact whenever the result cannot be a training loss (``training`` is
     False: eval mode, or gradients disabled), when the field has a closed form, or when
-    ``dim <= AUTO_EXACT_MAX_DIM``; Hutchinson otherwise.
+    ``dim <= AUTO_EXACT_MAX_DIM``; Hutchinson otherwise. An exact trace of a field with a
+    closed form is whichever of the two exact methods is cheaper (:func:`cheapest_exact`).
 
     Example:
         >>> mlp = nn.Linear(8, 8)  # no closed-form divergence
@@ -54,7 +56,7 @@ def trace_mode(trace: str, field: nn.Module, dim: int, *, training: bool) -> str
     if trace == "hutchinson":
         return "hutchinson"
     if hasattr(field, "divergence"):
-        return "closed"
+        return cheapest_exact(field)
     if trace == "exact" or not training or dim <= AUTO_EXACT_MAX_DIM:
         return "exact"
     return "hutchinson"
@@ -118,3 +120,27 @@ def hutchinson_divergence(
     """
     vjp = _vjp(f, x, noise, create_graph)
     return (vjp * noise).sum(-1), vjp
+
+
+def cheapest_exact(field: nn.Module, grad: bool | None = None) -> str:
+    """The cheaper exact trace of ``field``: ``"closed"`` (its ``divergence``) or ``"exact"``
+    (``d`` VJPs in one batched call, :func:`exact_divergence`).
+
+    A field without ``divergence`` has only the VJPs. One with it is asked for
+    ``trace_costs(grad) -> {"closed": c1, "exact": c2, ...}`` (modelled costs, e.g.
+    :meth:`pyro_cnf.ODENet.trace_costs`) and gets the cheaper; without ``trace_costs`` its
+    ``divergence`` is trusted to be the cheaper. ``grad``: whether the trace will be
+    differentiated (training), by default whether autograd is recording now.
+
+    Example:
+        >>> from pyro_cnf import ODENet
+        >>> cheapest_exact(ODENet(2, (64, 64, 64, 64)), grad=True)
+        'closed'
+    """
+    if not hasattr(field, "divergence"):
+        return "exact"
+    costs = getattr(field, "trace_costs", None)
+    if costs is None:
+        return "closed"
+    costs = costs(torch.is_grad_enabled() if grad is None else grad)
+    return "exact" if costs["exact"] < costs["closed"] else "closed"
