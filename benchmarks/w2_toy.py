@@ -33,7 +33,7 @@ REACH_TARGET = 0.2
 
 def toy_data():
     """``(sample(name, n, seed), true_log_prob(name, x) or None)``: pyro_cnf.datasets."""
-    from pyro_cnf import datasets
+    from pyro_cnf.toy import datasets
 
     return datasets.sample, datasets.true_log_prob
 

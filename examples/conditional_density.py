@@ -37,7 +37,7 @@ from nflows.flows import Flow  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import pyro_cnf  # noqa: E402
-from pyro_cnf.train import fit_density, nll  # noqa: E402
+from pyro_cnf.training.trainer import fit_density, nll  # noqa: E402
 
 NOISE = 0.3
 PLOT_CONTEXTS = (-1.0, 0.5, 1.0, 2.0)

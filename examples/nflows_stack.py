@@ -37,7 +37,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import pyro_cnf  # noqa: E402
-from pyro_cnf.train import fit_density, nll  # noqa: E402
+from pyro_cnf.training.trainer import fit_density, nll  # noqa: E402
 
 ALPHA = 0.05  # keeps the logit away from +-infinity at the pixel values 0 and 16
 LEVELS = 17  # pixel values 0..16

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pyro_cnf import ContinuousFlow, ODENet
-from pyro_cnf.demo import main
-from pyro_cnf.train import Trainer, TrainingError
-from pyro_cnf.plots import density_grid, plot_flow, trajectories
+from pyro_cnf.toy.demo import main
+from pyro_cnf.training.trainer import Trainer, TrainingError
+from pyro_cnf.toy.plots import density_grid, plot_flow, trajectories
 
 from .fields import LinearField, random_matrix
 
@@ -125,7 +125,7 @@ def test_flow_matching_objective_and_non_closed_form_dataset(tmp_path, capsys):
 
 @pytest.mark.parametrize("objective, low, high", [("mle", 0.0, 0.5), ("flow_matching", 5.0, 20.0)])
 def test_flow_matching_starts_with_steep_time_gates(objective, low, high):
-    from pyro_cnf.demo import _flows, build_parser
+    from pyro_cnf.toy.demo import _flows, build_parser
 
     torch.manual_seed(0)
     flow, eval_flow = _flows(build_parser().parse_args(["--objective", objective]))

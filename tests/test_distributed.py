@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pyro_cnf import ContinuousFlow, ODENet, distributed
-from pyro_cnf.demo import main
-from pyro_cnf.train import Trainer, step_seed
+from pyro_cnf import ContinuousFlow, ODENet
+from pyro_cnf.training import distributed
+from pyro_cnf.toy.demo import main
+from pyro_cnf.training.trainer import Trainer, step_seed
 
 from .test_demo import FAST
 from tests.fields import QuadraticField
@@ -200,7 +201,7 @@ def test_demo_under_torchrun_matches_one_process_and_resumes_in_one(tmp_path):
     ddp, one, resumed = tmp_path / "ddp", tmp_path / "one", tmp_path / "resumed"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-               "-m", "pyro_cnf.demo", *FAST, "--steps", "4", "--out", str(ddp)]  # fmt: skip
+               "-m", "pyro_cnf.toy.demo", *FAST, "--steps", "4", "--out", str(ddp)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)  # fmt: skip

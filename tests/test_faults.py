@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from pyro_cnf.demo import main
+from pyro_cnf.toy.demo import main
 
 from .test_demo import FAST
 
@@ -29,7 +29,7 @@ def saved_step(checkpoint):
 
 def kill_mid_run(out):
     """Start a long demo run in ``out``; SIGKILL it once it has saved ``KILL_AFTER`` steps."""
-    command = [sys.executable, "-m", "pyro_cnf.demo", *ARGS, "--steps", "1000000", "--out", str(out)]
+    command = [sys.executable, "-m", "pyro_cnf.toy.demo", *ARGS, "--steps", "1000000", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     checkpoint = out / "checkpoint.pt"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyro_cnf import ContinuousFlow, ODENet
-from pyro_cnf.train import fit_density, nll, progress_loop
+from pyro_cnf.training.trainer import fit_density, nll, progress_loop
 from tests.fields import QuadraticField
 
 
@@ -97,7 +97,7 @@ def test_fit_density_bad_input():
 
 
 from pyro_cnf import SolverError  # noqa: E402
-from pyro_cnf.train import Trainer, TrainingError, save_atomic, step_seed  # noqa: E402
+from pyro_cnf.training.trainer import Trainer, TrainingError, save_atomic, step_seed  # noqa: E402
 
 
 def small_flow(seed=0, **kw):

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .flow import ContinuousFlow
+from ..flow import ContinuousFlow
 
 __all__ = ["density_grid", "trajectories", "plot_flow"]
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from . import datasets, distributed
-from .flow import ADAPTIVE_METHODS, FIXED_METHODS, ContinuousFlow
-from .nets import ODENet
-from .train import OBJECTIVES, Trainer, TrainingError, step_seed
+from ..flow import ADAPTIVE_METHODS, FIXED_METHODS, ContinuousFlow
+from ..nets import ODENet
+from ..training import distributed
+from ..training.trainer import OBJECTIVES, Trainer, TrainingError, step_seed
+from . import datasets
 
 __all__ = ["main", "build_parser"]
 

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed
-from .flow import ContinuousFlow, SolverError, standard_normal_log_prob
+from ..flow import ContinuousFlow, SolverError, standard_normal_log_prob
 
 __all__ = [
     "progress_loop",
@@ -265,7 +265,7 @@ class _Objective(nn.Module):
         in the order of :attr:`metric_names`. Flow matching takes the rows' times ``t``,
         shape ``(n, 1)``, and base samples ``noise``, shape ``(n, d)``."""
         if self.objective == "flow_matching":
-            from .flow_matching import flow_matching_loss
+            from ..flow_matching import flow_matching_loss
 
             loss = flow_matching_loss(self.flow.vector_field, x, T=self.flow.T, t=t, noise=noise)
             return loss, loss.detach().reshape(1)

@@ -1,0 +1,1 @@
+"""Training: objectives, the Trainer, checkpoints, data parallelism."""
