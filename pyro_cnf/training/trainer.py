@@ -1,177 +1,160 @@
-"""Training loops: a progress bar, maximum likelihood on a tensor of data, held-out NLL.
+"""The one training loop, :class:`Trainer`, and the helpers around it: a progress bar
+(:func:`progress_loop`), the held-out NLL (:func:`nll`) and per-step data seeds
+(:func:`step_seed`).
 
-:func:`progress_loop`, :func:`fit_density` and :func:`nll` are the small shared helpers
-the examples use; :class:`Trainer` is the demo's resumable trainer of a
-:class:`~pyro_cnf.ContinuousFlow` density (maximum likelihood, optionally RNODE-regularised,
-or flow matching) with atomic checkpoints, data-parallel under ``torchrun`` (see
-:mod:`pyro_cnf.distributed`).
+The demo, the examples and the benchmarks all train through :class:`Trainer`: an objective
+object (:mod:`pyro_cnf.training.objectives`), Adam with a learning-rate schedule and an
+optional weight average (EMA), a step or CPU-time budget, callbacks, atomic checkpoints
+(:mod:`pyro_cnf.training.checkpoint`) and data parallelism under ``torchrun``
+(:mod:`pyro_cnf.training.distributed`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import itertools
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..flow import SolverError
 from . import distributed
-from ..flow import ContinuousFlow, SolverError, standard_normal_log_prob
+from .checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint
+from .objectives import MaximumLikelihood, Objective
 
 __all__ = [
     "progress_loop",
-    "fit_density",
+    "check_rows",
     "nll",
     "step_seed",
-    "save_atomic",
+    "cosine_decay",
+    "Checkpointing",
+    "Evaluation",
     "Trainer",
     "TrainingError",
-    "OBJECTIVES",
+    "SCHEDULES",
 ]
 
-#: Training objectives of :class:`Trainer`.
-OBJECTIVES = ("mle", "flow_matching")
-
-LogProb = Callable[[Tensor, "Tensor | None"], Tensor]
+#: A batch: rows ``(B, d)``, or rows and their context ``(B, c)`` (``None`` for none).
+Batch = Union[Tensor, "tuple[Tensor, Tensor | None]"]
+#: ``(trainer, metrics of the step) -> stop?``, called after every step.
+Callback = Callable[["Trainer", "dict[str, float]"], "bool | None"]
 
 
 def progress_loop(
-    step: Callable[[int], Mapping[str, float]],
-    steps: int,
+    step: Callable[[int], Mapping[str, float] | None],
+    steps: int | None,
     *,
     start: int = 0,
     desc: str = "",
     disable: bool | None = None,
 ) -> list[dict[str, float]]:
-    """Run ``step(i)`` for ``i`` in ``range(start, steps)`` under one tqdm bar.
+    """Run ``step(i)`` for ``i = start, start + 1, ...`` under one tqdm bar, up to ``steps``
+    (exclusive; ``None``: no end) or until ``step`` returns ``None``.
 
     The bar shows the metrics ``step`` returns (e.g. loss, nfe) next to tqdm's it/s.
 
     Arguments:
-        step: Called with the step index; returns a mapping of metric name to number.
+        step: Called with the step index; returns a mapping of metric name to number, or
+            ``None`` to stop without counting that index.
         steps: One past the last index (the total, not the number still to run).
         start: The first index, e.g. the step a checkpoint stopped at.
         desc: The bar's label.
         disable: Hide the bar; ``None`` hides it when the output is not a terminal.
 
     Returns:
-        The metrics of every step run, in order (``steps - start`` dicts of floats).
+        The metrics of every step run, in order (dicts of floats).
 
     Example:
         >>> progress_loop(lambda i: {"square": i * i}, 4, start=2, disable=True)
         [{'square': 4.0}, {'square': 9.0}]
+        >>> len(progress_loop(lambda i: {"i": i} if i < 3 else None, None, disable=True))
+        3
     """
-    if steps < start:
+    if steps is not None and steps < start:
         raise ValueError(f"steps must be >= start, got steps={steps}, start={start}")
+    indices = itertools.count(start) if steps is None else range(start, steps)
     history = []
-    with tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=disable) as bar:
+    with tqdm(indices, desc=desc, initial=start, total=steps, disable=disable) as bar:
         for i in bar:
-            metrics = {k: float(v) for k, v in step(i).items()}
+            out = step(i)
+            if out is None:
+                break
+            metrics = {k: float(v) for k, v in out.items()}
             history.append(metrics)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            if not bar.disable:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
     return history
 
 
-def fit_density(
-    log_prob: LogProb,
-    parameters: Iterable[torch.nn.Parameter],
-    data: Tensor,
-    *,
-    context: Tensor | None = None,
-    steps: int,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    desc: str = "fit",
-    penalty: Callable[[], Tensor] | None = None,
-) -> list[dict[str, float]]:
-    """Maximum likelihood with Adam on random minibatches.
-
-    Each step draws ``batch_size`` rows without replacement (all rows when fewer) and
-    minimises ``-log_prob(x_batch, c_batch).mean()`` plus ``penalty()``, which is called
-    after ``log_prob`` so that it can read what that call left behind (e.g. a flow's RNODE
-    integrals).
-
-    Arguments:
-        log_prob: ``(x, context or None) -> log density``, shapes ``(B, d), (B, c)`` to ``(B,)``.
-        parameters: What Adam updates.
-        data: Shape ``(N, d)``.
-        context: Shape ``(N, c)``, batched with ``data`` row by row.
-        steps: The number of optimiser steps.
-        batch_size: Rows per step.
-        lr, weight_decay: Adam's settings.
-        seed: Seeds the minibatch draws (not the model's own randomness).
-        desc: The progress bar's label.
-        penalty: Adds a regulariser to the loss.
-
-    Returns:
-        Per step ``{"loss", "nll"}`` (and ``"penalty"`` when given).
+def check_rows(x: Any, context: Any = None, name: str = "data") -> tuple[Tensor, Tensor | None]:
+    """Return ``(x, context)`` after checking that ``x`` is a tensor of shape ``(N >= 1, d)``
+    and ``context`` is ``None`` or a tensor with ``N`` rows; ``ValueError`` otherwise.
 
     Example:
-        >>> mu = torch.nn.Parameter(torch.zeros(2))
-        >>> normal = lambda x, c: torch.distributions.Normal(mu, 1.0).log_prob(x).sum(-1)
-        >>> history = fit_density(normal, [mu], torch.randn(500, 2) + 3.0, steps=300, lr=0.05, desc="")
-        >>> torch.allclose(mu.detach(), torch.full((2,), 3.0), atol=0.2)
-        True
+        >>> check_rows(torch.zeros(3))
+        Traceback (most recent call last):
+        ...
+        ValueError: data must be a tensor of shape (N >= 1, d), got (3,)
     """
-    if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[0] == 0:
-        got = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-        raise ValueError(f"data must be a tensor of shape (N >= 1, d), got {got}")
-    if context is not None and (not isinstance(context, Tensor) or context.shape[0] != data.shape[0]):
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] == 0:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a tensor of shape (N >= 1, d), got {got}")
+    if context is not None and (not isinstance(context, Tensor) or context.dim() != 2 or len(context) != len(x)):
         got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
-        raise ValueError(f"context must be a tensor with one row per data row ({data.shape[0]}), got {got}")
-    if steps < 0 or batch_size < 1:
-        raise ValueError(f"expected steps >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}")
-    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    n = data.shape[0]
-
-    def step(i: int) -> dict[str, float]:
-        rows = torch.randperm(n, generator=generator)[:batch_size].to(data.device)
-        optimizer.zero_grad(set_to_none=True)
-        nll_batch = -log_prob(data[rows], None if context is None else context[rows]).mean()
-        metrics = {"loss": nll_batch.item(), "nll": nll_batch.item()}
-        loss = nll_batch
-        if penalty is not None:
-            extra = penalty()
-            loss = loss + extra
-            metrics.update(loss=loss.item(), penalty=extra.item())
-        loss.backward()
-        optimizer.step()
-        return metrics
-
-    return progress_loop(step, steps, desc=desc)
+        raise ValueError(f"the context of {name} must be a tensor of shape ({len(x)}, c), one row per row, got {got}")
+    return x, context
 
 
-def nll(log_prob: LogProb, data: Tensor, context: Tensor | None = None, batch_size: int = 4096) -> float:
-    """Mean negative log-likelihood of ``data`` (shape ``(N, d)``) under ``torch.no_grad()``,
-    ``batch_size`` rows at a time.
+@contextlib.contextmanager
+def _eval_mode(model: object) -> Iterator[None]:
+    """Every submodule of ``model`` (if a module) in eval mode inside, as it was after."""
+    modules = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    for module, _ in modules:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, training in modules:
+            module.training = training
+
+
+def nll(model: nn.Module | Callable[..., Tensor], data: Tensor, context: Tensor | None = None, batch_size: int = 4096) -> float:
+    """The mean negative log-likelihood of ``data`` (shape ``(N, d)``, with ``context`` of
+    shape ``(N, c)``), ``batch_size`` rows at a time, under ``torch.no_grad()``.
+
+    ``model`` is a module with ``log_prob(x[, context])`` or such a function. A module is
+    evaluated in eval mode whatever its mode (and put back after), so that the number is
+    the same on every call: a :class:`~pyro_cnf.ContinuousFlow` with ``trace="auto"`` then
+    uses the exact trace, never the Hutchinson estimate of training.
 
     Example:
-        >>> normal = lambda x, c: torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(-1)
+        >>> normal = lambda x: torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(-1)
         >>> round(nll(normal, torch.zeros(10, 2), batch_size=3), 4)  # log(2 pi)
         1.8379
     """
-    if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[0] == 0:
-        got = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-        raise ValueError(f"data must be a tensor of shape (N >= 1, d), got {got}")
+    data, context = check_rows(data, context)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    log_prob = getattr(model, "log_prob", model) if isinstance(model, nn.Module) else model
     total = 0.0
-    with torch.no_grad():
-        for start in range(0, data.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            total -= log_prob(data[rows], None if context is None else context[rows]).double().sum().item()
-    return total / data.shape[0]
+    with torch.no_grad(), _eval_mode(model):
+        for start in range(0, len(data), batch_size):
+            x = data[start : start + batch_size]
+            value = log_prob(x) if context is None else log_prob(x, context[start : start + batch_size])
+            total -= value.double().sum().item()
+    return total / len(data)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -189,45 +172,26 @@ def step_seed(seed: int, step: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``.
-
-    A crash or a full disk mid-write leaves the previous file intact and no partial file
-    behind: ``os.replace`` within one directory is atomic.
+def cosine_decay(fraction: float) -> float:
+    """The ``"cosine"`` schedule: the factor on the learning rate once ``fraction`` of the
+    training is done, from 1 down to 0.
 
     Example:
-        >>> import tempfile, pathlib
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "state.pt"
-        >>> save_atomic({"step": 3}, path)
-        >>> torch.load(path)["step"], [p.name for p in path.parent.iterdir()]
-        (3, ['state.pt'])
+        >>> cosine_decay(0.0), cosine_decay(0.5), cosine_decay(1.0)
+        (1.0, 0.5, 0.0)
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    return 0.5 * (1 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+#: Learning-rate schedules by name: fraction of the training done -> factor on ``lr``.
+SCHEDULES: dict[str, Callable[[float], float] | None] = {"constant": None, "cosine": cosine_decay}
 
 
 class TrainingError(RuntimeError):
     """Training stopped: the ODE solver failed, or the loss was not finite.
 
     Attributes:
-        step: The index of the step that failed.
+        step: The index of the step that failed (for a failed evaluation: the steps done).
         checkpoint_step: The step count of the checkpoint on disk (``None`` if none was written).
     """
 
@@ -237,99 +201,138 @@ class TrainingError(RuntimeError):
         self.checkpoint_step = checkpoint_step
 
 
-class _Objective(nn.Module):
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often a :class:`Trainer` saves.
+
+    Arguments:
+        path: The checkpoint file. Its directory must exist and be writable, and the file,
+            if present, replaceable; the trainer checks this when it is built.
+        every: Save every this many steps, and at the end of :meth:`Trainer.fit`.
+        config: JSON-like settings stored in the checkpoint (e.g. to check a resume).
+    """
+
+    path: str | os.PathLike
+    every: int = 100
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """Held-out data and how a :class:`Trainer` scores them.
+
+    Arguments:
+        data: Shape ``(M, d)``.
+        context: Shape ``(M, c)``, or ``None``.
+        every: The NLL of ``data`` every this many steps, in the metrics as ``"eval_nll"``;
+            ``0``: only when :meth:`Trainer.evaluate` is called.
+        scorer: Maps the trained model (its weight average when the trainer keeps one) to
+            the model whose ``log_prob`` is scored, e.g. the same field under a tight
+            adaptive solver: ``lambda flow: ContinuousFlow(flow.vector_field, rtol=1e-6,
+            atol=1e-6)``. Default: the model itself.
+        batch_size: Rows per ``log_prob`` call.
+    """
+
+    data: Tensor
+    context: Tensor | None = None
+    every: int = 0
+    scorer: Callable[[nn.Module], nn.Module] | None = None
+    batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        check_rows(self.data, self.context, "the evaluation data")
+        if self.every < 0 or self.batch_size < 1:
+            raise ValueError(f"expected every >= 0 and batch_size >= 1, got {self.every}, {self.batch_size}")
+
+
+class _StepLoss(nn.Module):
     """The loss of one training step as a module, so that DistributedDataParallel wraps it
     whole.
 
     DDP averages the gradients in hooks that its ``forward`` arms for the next backward.
     With the whole loss inside one DDP ``forward`` a step is one forward and one backward,
-    whatever the flow calls meanwhile (the field's ``forward``, ``divergence`` and ``jvp``,
-    the adjoint solve's vector-Jacobian products), and the flow and its field stay as they
-    are; DDP around the field alone would see only the calls that go through its ``forward``.
+    whatever the model calls meanwhile (a field's ``forward``, ``divergence`` and ``jvp``,
+    the adjoint solve's vector-Jacobian products), and the model stays as it is; DDP around
+    the field alone would see only the calls that go through its ``forward``.
     """
 
-    def __init__(self, flow: ContinuousFlow, objective: str, lambda_kinetic: float, lambda_jacobian: float) -> None:
+    def __init__(self, model: nn.Module, objective: Objective, names: tuple[str, ...]) -> None:
         super().__init__()
-        self.flow = flow
+        self.model = model
         self.objective = objective
-        self.lambda_kinetic = lambda_kinetic
-        self.lambda_jacobian = lambda_jacobian
-        self.penalised = bool(lambda_kinetic or lambda_jacobian)
-        if objective == "flow_matching":
-            self.metric_names: tuple[str, ...] = ("loss",)
-        else:
-            self.metric_names = ("loss", "nll", "nfe") + (("kinetic", "jacobian") if self.penalised else ())
+        self.names = names
 
-    def forward(self, x: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The loss of the rows ``x`` (shape ``(n, d)``) and its metrics, a detached vector
-        in the order of :attr:`metric_names`. Flow matching takes the rows' times ``t``,
-        shape ``(n, 1)``, and base samples ``noise``, shape ``(n, d)``."""
-        if self.objective == "flow_matching":
-            from ..flow_matching import flow_matching_loss
-
-            loss = flow_matching_loss(self.flow.vector_field, x, T=self.flow.T, t=t, noise=noise)
-            return loss, loss.detach().reshape(1)
-        z, ladj, stats = self.flow(x, return_stats=True)
-        nll_batch = -(standard_normal_log_prob(z) + ladj).mean()
-        loss, penalties = nll_batch, []
-        if self.penalised:
-            penalties = [stats.kinetic_energy.mean(), stats.jacobian_norm.mean()]
-            loss = nll_batch + self.lambda_kinetic * penalties[0] + self.lambda_jacobian * penalties[1]
-        nfe = nll_batch.new_tensor(float(stats.nfe))
-        return loss, torch.stack([loss, nll_batch, nfe, *penalties]).detach()
+    def forward(self, *inputs: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The loss of this rank's rows and its metrics, a detached vector in the order of
+        :attr:`names`."""
+        loss, metrics = self.objective.loss(self.model, *inputs)
+        return loss, torch.stack([metrics[name].detach().reshape(()) for name in self.names])
 
 
 class Trainer:
-    """Resumable training of a :class:`~pyro_cnf.ContinuousFlow` density with a standard
-    normal base, under one progress bar, with atomic checkpoints.
+    """Train ``model`` on ``batches(step)`` by ``objective``, under one progress bar, with
+    atomic checkpoints, resuming exactly where a checkpoint stopped.
 
-    Objectives:
+    A step: ``batches(step)`` gives the global batch; the objective draws what it needs
+    for it (:meth:`~pyro_cnf.training.objectives.Objective.draw`); Adam takes a step on its
+    loss at ``lr`` times the schedule's factor; the weight average (``ema``) follows. Then,
+    as configured, the held-out NLL, a checkpoint, and the callbacks.
 
-    - ``"mle"``: the NLL of the batch by the flow's own solve, plus the RNODE penalty
-      ``lambda_kinetic * kinetic + lambda_jacobian * jacobian`` (batch means) when either
-      is non-zero (the flow must have ``regularize=True``).
-    - ``"flow_matching"``: :func:`~pyro_cnf.flow_matching.flow_matching_loss` of the
-      flow's vector field; no ODE solve while training.
+    Budgets: :meth:`fit` runs up to a number of steps, a CPU-time budget (the process CPU
+    time of the steps themselves: not drawing the data, evaluating, saving or the
+    callbacks), or both, whichever ends first; a callback may stop it earlier. The
+    schedule sees the fraction of the budget done at the start of the step (of the steps,
+    of the CPU time, the larger of the two).
 
-    Resuming is exact: a checkpoint holds the flow, the optimiser, the step count, the torch
-    random state (CPU, and the flow's CUDA device), the metrics so far and ``config``; the
-    data come from ``batches(step)``, a function of the step alone (see :func:`step_seed`),
-    so a run resumed from step ``k`` repeats the uninterrupted run from step ``k`` on.
+    Resuming is exact: a checkpoint holds the model, the optimiser, the weight average, the
+    step count, the CPU time spent, the torch random state (CPU, and the model's CUDA
+    device), the metrics so far and ``config``; the data come from ``batches(step)``, a
+    function of the step alone (see :func:`step_seed`), so a run resumed from step ``k``
+    repeats the uninterrupted run from step ``k`` on. The checkpoint's path is checked when
+    the trainer is built, so that a missing directory or an unwritable file stops the run
+    before its first step.
 
     Failures: a :class:`~pyro_cnf.SolverError` stops training with :class:`TrainingError`,
     leaving the last checkpoint as it was, or with ``on_solver_error="skip"`` drops the
-    batch and counts it in :attr:`skipped`. A NaN or infinite loss always stops with
-    :class:`TrainingError` naming the step, without saving.
+    batch and counts it in :attr:`skipped`, until :attr:`skip_limit` steps in a row have
+    failed. A NaN or infinite loss always stops with :class:`TrainingError` naming the
+    step, without saving.
 
     Data parallel: built inside a process group of several ranks (``torchrun``, see
-    :mod:`pyro_cnf.distributed`), the trainer wraps the step's loss in
+    :mod:`pyro_cnf.training.distributed`), the trainer wraps the step's loss in
     ``DistributedDataParallel``. ``batches(step)`` must give the same global batch on every
     rank (as a function of the step alone does); each rank trains on its slice (the batch
-    size must be a multiple of the number of ranks), and flow matching draws its times and
-    base samples for the global batch before slicing, so ``N`` ranks take the steps of one
-    process exactly (fixed-grid solvers; adaptive ones within their tolerances, since the
-    step sizes follow the errors of each slice). Hutchinson and RNODE probes are drawn per
-    rank (:func:`~pyro_cnf.distributed.rank_random_stream`). The metrics are the means
-    over ranks, a solver failure on any rank is a failure on all, held-out NLLs are
-    computed over the ranks' slices of the data, only rank 0 saves and shows a progress
-    bar, and checkpoints resume under any number of ranks.
+    size must be a multiple of the number of ranks), and the objective's draws are made for
+    the global batch before slicing, so ``N`` ranks take the steps of one process exactly
+    (fixed-grid solvers; adaptive ones within their tolerances, since the step sizes follow
+    the errors of each slice). Probes drawn inside the loss (Hutchinson, RNODE) come from
+    each rank's own stream (:func:`~pyro_cnf.training.distributed.rank_random_stream`).
+    The metrics, the CPU time and the callbacks' decisions to stop are reduced over ranks,
+    a solver failure on any rank is a failure on all, held-out NLLs are computed over the
+    ranks' slices of the data, only rank 0 saves and shows a progress bar, and checkpoints
+    resume under any number of ranks.
 
     Arguments:
-        flow: The density to train.
-        batches: ``step -> data``, shape ``(B, d)``, moved to the flow's device and dtype;
-            the global batch, of which each rank takes its slice.
-        objective: One of :data:`OBJECTIVES`.
-        lr, weight_decay: Adam's settings.
-        lambda_kinetic, lambda_jacobian: RNODE weights (``"mle"`` only).
-        checkpoint: The checkpoint file (its directory must exist); ``None`` for none.
-        checkpoint_every: Save every this many steps, and at the end of :meth:`fit`.
-        eval_data: Held-out data, shape ``(M, d)``, for the exact NLL every ``eval_every``
-            steps (in the metrics as ``"eval_nll"``).
-        eval_every: ``0`` for no periodic evaluation.
-        eval_flow: The flow that evaluates (e.g. the same field under ``dopri5`` at tight
-            tolerances, exact trace); default ``flow``.
+        model: What to train: anything the objective accepts.
+        batches: ``step -> x`` of shape ``(B, d)`` or ``(x, context)`` with context of
+            shape ``(B, c)``, moved to the model's device and dtype; the global batch.
+        objective: A :class:`~pyro_cnf.training.objectives.Objective`.
+        lr: Adam's learning rate.
+        schedule: ``"constant"``, ``"cosine"`` (down to 0 at the end of the budget), or a
+            function of the fraction done in ``[0, 1)`` to the factor on ``lr``.
+        ema: The decay of an exponential moving average of the weights, updated after
+            every step, in ``[0, 1)``; ``0`` keeps none. :attr:`eval_model` is the average.
         on_solver_error: ``"stop"`` or ``"skip"``.
-        config: JSON-like settings stored in the checkpoint (e.g. to check a resume).
+        checkpoint: A :class:`Checkpointing`, or ``None`` for no checkpoints.
+        evaluation: An :class:`Evaluation`, or ``None``.
+        callbacks: Functions ``(trainer, metrics) -> stop`` called after every step; a true
+            result ends :meth:`fit` after that step. Under ``torchrun`` the ranks stop when
+            any of them asks to.
         desc: The progress bar's label.
         disable: Hide the bar (``None``: when not on a terminal).
 
@@ -337,125 +340,154 @@ class Trainer:
         step: Steps done (the index of the next one).
         history: The metrics of every step done, each with its ``"step"`` index.
         skipped: Batches dropped after a solver failure.
+        cpu_seconds: Process CPU time of the steps so far (the mean over ranks).
+        saved_step: The step count of the checkpoint on disk, ``None`` before the first.
+        skip_limit: Failed steps in a row that stop a ``"skip"`` run (10).
 
     Example:
-        >>> from pyro_cnf import ODENet
+        >>> from pyro_cnf import ContinuousFlow, ODENet
         >>> flow = ContinuousFlow(ODENet(2, (8,)), method="rk4", steps=2)
         >>> def batches(step):  # the data of a step depend on the step alone
         ...     return torch.randn(32, 2, generator=torch.Generator().manual_seed(step_seed(0, step))) + 1.0
-        >>> trainer = Trainer(flow, batches, lr=1e-2, disable=True)
+        >>> trainer = Trainer(flow, batches, lr=1e-2, schedule="cosine", disable=True)
         >>> history = trainer.fit(20)
-        >>> trainer.step, history[-1]["loss"] < history[0]["loss"]
-        (20, True)
+        >>> trainer.step, history[-1]["loss"] < history[0]["loss"], sorted(history[0])
+        (20, True, ['loss', 'nfe', 'nll'])
     """
+
+    skip_limit: int = 10
 
     def __init__(
         self,
-        flow: ContinuousFlow,
-        batches: Callable[[int], Tensor],
+        model: nn.Module,
+        batches: Callable[[int], Batch],
+        objective: Objective = MaximumLikelihood(),
         *,
-        objective: str = "mle",
         lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        lambda_kinetic: float = 0.0,
-        lambda_jacobian: float = 0.0,
-        checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int = 100,
-        eval_data: Tensor | None = None,
-        eval_every: int = 0,
-        eval_flow: ContinuousFlow | None = None,
+        schedule: str | Callable[[float], float] = "constant",
+        ema: float = 0.0,
         on_solver_error: str = "stop",
-        config: Mapping[str, Any] | None = None,
+        checkpoint: Checkpointing | None = None,
+        evaluation: Evaluation | None = None,
+        callbacks: Sequence[Callback] = (),
         desc: str = "train",
         disable: bool | None = None,
     ) -> None:
-        if not isinstance(flow, ContinuousFlow):
-            raise TypeError(f"flow must be a ContinuousFlow, got {type(flow).__name__}")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        if not isinstance(model, nn.Module) or next(model.parameters(), None) is None:
+            raise TypeError(f"model must be a torch module with parameters, got {type(model).__name__}")
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be an Objective (e.g. MaximumLikelihood()), got {objective!r}")
+        names = objective.metrics(model)
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        if not callable(schedule) and schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)} or a function, got {schedule!r}")
+        if not (isinstance(ema, (int, float)) and 0 <= ema < 1):
+            raise ValueError(f"ema must be in [0, 1), got {ema!r}")
         if on_solver_error not in ("stop", "skip"):
             raise ValueError(f"on_solver_error must be 'stop' or 'skip', got {on_solver_error!r}")
-        if lambda_kinetic < 0 or lambda_jacobian < 0:
-            raise ValueError(
-                f"the RNODE weights must be >= 0, got lambda_kinetic={lambda_kinetic}, "
-                f"lambda_jacobian={lambda_jacobian}"
-            )
-        if (lambda_kinetic or lambda_jacobian) and (objective != "mle" or not flow.regularize):
-            raise ValueError(
-                "the RNODE penalty needs objective='mle' and a flow built with regularize=True, "
-                f"got objective={objective!r}, regularize={flow.regularize}"
-            )
-        if checkpoint_every < 1 or eval_every < 0:
-            raise ValueError(
-                f"expected checkpoint_every >= 1 and eval_every >= 0, got {checkpoint_every}, {eval_every}"
-            )
-        if eval_every and eval_data is None:
-            raise ValueError("eval_every > 0 needs eval_data")
-        self.flow = flow
+        if checkpoint is not None:
+            check_writable(checkpoint.path)
+        self.model = model
+        # the same object after model.to(...), which moves parameters in place
+        self._first_parameter = next(model.parameters())
         self.batches = batches
         self.objective = objective
-        self._loss = _Objective(flow, objective, lambda_kinetic, lambda_jacobian)
+        self.lr = float(lr)
+        self.factor = schedule if callable(schedule) else SCHEDULES[schedule]
+        self.ema = float(ema)
+        self.averaged = copy.deepcopy(model).requires_grad_(False) if ema else None
+        self.on_solver_error = on_solver_error
+        self.checkpoint = checkpoint
+        self.evaluation = evaluation
+        self.callbacks = list(callbacks)
+        self.desc = desc
+        self.disable = disable
+        self._loss = _StepLoss(model, objective, names)
         # the module whose forward the step calls: the loss, or DDP around it
         self._step_loss: nn.Module = self._loss
         if distributed.is_distributed():
             device = self._like.device
             device_ids = [device] if device.type == "cuda" else None  # CPU modules take none
             self._step_loss = DistributedDataParallel(self._loss, device_ids=device_ids)
-        self.checkpoint = None if checkpoint is None else Path(checkpoint)
-        self.checkpoint_every = checkpoint_every
-        self.eval_data = eval_data
-        self.eval_every = eval_every
-        self.eval_flow = flow if eval_flow is None else eval_flow
-        self.on_solver_error = on_solver_error
-        self.config = dict(config or {})
-        self.desc = desc
-        self.disable = disable
-        self.optimizer = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.step = 0
         self.skipped = 0
+        self.cpu_seconds = 0.0
         self.history: list[dict[str, float]] = []
         self.saved_step: int | None = None
+        self._failed_in_a_row = 0
 
     @property
     def _like(self) -> Tensor:
-        return next(self.flow.parameters())
+        """A parameter of the model: its dtype and device are the model's."""
+        return self._first_parameter
 
-    def fit(self, steps: int) -> list[dict[str, float]]:
-        """Train from :attr:`step` up to ``steps`` steps in all; save at the end.
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model to evaluate and keep: the weight average with ``ema``, else the model."""
+        return self.model if self.averaged is None else self.averaged
+
+    def fit(self, steps: int | None = None, *, cpu_seconds: float | None = None) -> list[dict[str, float]]:
+        """Train from :attr:`step` up to ``steps`` steps in all, or until :attr:`cpu_seconds`
+        reaches ``cpu_seconds``, whichever comes first (or a callback stops it); save at
+        the end.
 
         Returns:
             The metrics of the steps run by this call.
         """
-        if steps < self.step:
+        if steps is None and cpu_seconds is None:
+            raise ValueError("fit needs a budget: steps, cpu_seconds or both")
+        if steps is not None and steps < self.step:
             raise ValueError(f"steps ({steps}) is below the steps already done ({self.step})")
-        self.flow.train()
+        if cpu_seconds is not None and not cpu_seconds > 0:
+            raise ValueError(f"cpu_seconds must be > 0, got {cpu_seconds}")
+        self.model.train()
+        self._stop = False
+
+        def step(i: int) -> dict[str, float] | None:
+            if self._stop or (cpu_seconds is not None and self.cpu_seconds >= cpu_seconds):
+                return None
+            done = max(i / steps if steps else 0.0, self.cpu_seconds / cpu_seconds if cpu_seconds else 0.0)
+            return self._train_step(i, done)
+
         disable = self.disable if distributed.is_main() else True
-        done = progress_loop(self._train_step, steps, start=self.step, desc=self.desc, disable=disable)
+        history = progress_loop(step, steps, start=self.step, desc=self.desc, disable=disable)
         if self.checkpoint is not None and self.saved_step != self.step:
             self.save()
-        return done
+        return history
 
-    def _train_step(self, i: int) -> dict[str, float]:
+    def _train_step(self, i: int, done: float) -> dict[str, float]:
         batch = self.batches(i)
-        if not isinstance(batch, Tensor) or batch.dim() != 2:
-            got = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
-            raise ValueError(f"batches({i}) must return a tensor of shape (B, d), got {got}")
-        inputs = [distributed.shard(v) for v in self._inputs(batch.to(self._like))]
+        if isinstance(batch, (tuple, list)) and len(batch) != 2:
+            raise ValueError(f"batches({i}) must return a tensor of shape (B, d) or a pair (x, context), got {len(batch)} items")
+        x, context = check_rows(*(batch if isinstance(batch, (tuple, list)) else (batch, None)), name=f"batches({i})")
+        start = time.process_time()
+        if self.factor is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * self.factor(done)
+        like = self._like
+        inputs = self.objective.draw(self.model, x.to(like), None if context is None else context.to(like))
+        parallel = distributed.is_distributed()
+        if parallel:
+            inputs = [None if v is None else distributed.shard(v) for v in inputs]
         self.optimizer.zero_grad(set_to_none=True)
         failure = None
         try:
             with self._random_stream():
                 loss, values = self._step_loss(*inputs)
         except SolverError as error:
-            failure, values = error, self._like.new_zeros(len(self._loss.metric_names))
-        # One collective a step: whether any rank's solve failed, so that all ranks skip
-        # or stop together, and the sums of the metrics.
-        reduced = distributed.all_reduce_sum(torch.cat([values.new_tensor([failure is not None]), values]))
-        if reduced[0] > 0:
+            failure, values = error, like.new_zeros(len(self._loss.names))
+        failed = failure is not None
+        if parallel:
+            # The step's first collective: whether any rank's solve failed, so that all ranks
+            # skip or stop together, and the mean metrics.
+            reduced = distributed.all_reduce_sum(torch.cat([values.new_tensor([failed]), values]))
+            failed, values = bool(reduced[0] > 0), reduced[1:] / distributed.get_world_size()
+        if failed:
             metrics = self._solver_failed(i, failure)
         else:
-            means = reduced[1:] / distributed.get_world_size()
-            metrics = dict(zip(self._loss.metric_names, means.tolist()))
+            metrics = dict(zip(self._loss.names, values.tolist()))
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(
                     f"the loss is {metrics['loss']} at step {i}; stopped without saving" + self._checkpoint_note(),
@@ -474,125 +506,160 @@ class Trainer:
                 metrics = self._solver_failed(i, error)
             else:
                 self.optimizer.step()
+                self._failed_in_a_row = 0
+                if self.averaged is not None:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(list(self.averaged.parameters()), list(self.model.parameters()), 1 - self.ema)
+        spent = time.process_time() - start
+        if parallel:  # the ranks agree on the budget spent, which drives the schedule
+            spent = distributed.all_reduce_mean(torch.tensor(spent, dtype=torch.float64, device=like.device)).item()
+        self.cpu_seconds += spent
         self.step = i + 1
-        if self.eval_every and self.step % self.eval_every == 0:
-            metrics["eval_nll"] = self.evaluate(self.eval_data)
-        self.history.append({"step": float(i), **metrics})
-        if self.checkpoint is not None and self.step % self.checkpoint_every == 0:
+        self.history.append({"step": i, **metrics})
+        evaluation = self.evaluation
+        if evaluation is not None and evaluation.every and self.step % evaluation.every == 0:
+            metrics["eval_nll"] = self.history[-1]["eval_nll"] = self._periodic_evaluation()
+        if self.checkpoint is not None and self.step % self.checkpoint.every == 0:
             self.save()
+        stop = any([bool(callback(self, metrics)) for callback in self.callbacks])
+        if parallel:  # one rank's callback stops them all
+            stop = distributed.all_reduce_sum(torch.tensor([float(stop)], device=like.device)).item() > 0
+        self._stop = stop
         return metrics
 
     def _solver_failed(self, i: int, failure: SolverError | None) -> dict[str, float]:
-        """Stop (``on_solver_error="stop"``) or count a skipped step."""
+        """Stop (``on_solver_error="stop"``, or too many failures in a row) or count a skipped step."""
+        where = " on another rank" if failure is None else f": {failure}"
         if self.on_solver_error == "stop":
-            where = " on another rank" if failure is None else f": {failure}"
             raise TrainingError(
                 f"the ODE solver failed at step {i}{where}" + self._checkpoint_note(), i, self.saved_step
             ) from failure
         self.skipped += 1
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row >= self.skip_limit:
+            raise TrainingError(
+                f"the ODE solver failed at {self._failed_in_a_row} steps in a row, steps "
+                f"{i + 1 - self._failed_in_a_row} to {i} (the limit of on_solver_error='skip'); last failure{where}"
+                + self._checkpoint_note(),
+                i,
+                self.saved_step,
+            ) from failure
         return {"skipped": float(self.skipped)}
 
     def _checkpoint_note(self) -> str:
         if self.checkpoint is None:
             return ""
         if self.saved_step is None:
-            return f"; no checkpoint was written to {self.checkpoint}"
-        return f"; the checkpoint of step {self.saved_step} in {self.checkpoint} is kept"
-
-    def _inputs(self, batch: Tensor) -> list[Tensor]:
-        """The step's global inputs: the batch, and for flow matching the times and base
-        samples of its rows, drawn for the whole batch from the stream all ranks share so
-        that each rank's slice holds what one process draws for those rows."""
-        if self.objective != "flow_matching":
-            return [batch]
-        n, d = batch.shape
-        t = self.flow.T * torch.rand(n, 1, dtype=batch.dtype, device=batch.device)
-        return [batch, t, torch.randn(n, d, dtype=batch.dtype, device=batch.device)]
+            return f"; no checkpoint was written to {self.checkpoint.path}"
+        return f"; the checkpoint of step {self.saved_step} in {self.checkpoint.path} is kept"
 
     def _random_stream(self) -> contextlib.AbstractContextManager[None]:
-        # the probes of a maximum-likelihood solve are drawn for this rank's rows alone
-        if self.objective == "mle":
+        # probes drawn inside the loss are drawn for this rank's rows alone
+        if self.objective.draws_in_loss:
             return distributed.rank_random_stream(self._like.device)
         return contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def _evaluating(self, flow: ContinuousFlow) -> Iterator[None]:
-        modes = [(m, m.training) for m in (flow, self.flow)]
-        flow.eval()
+    def _periodic_evaluation(self) -> float:
         try:
-            yield
-        finally:
-            for module, training in modes:
-                module.train(training)
+            return self.evaluate()
+        except TrainingError:
+            if self.on_solver_error == "stop":
+                raise
+            return math.nan  # recorded as such; training goes on
 
-    def evaluate(self, data: Tensor, flow: ContinuousFlow | None = None, batch_size: int = 4096) -> float:
-        """The exact mean NLL of ``data`` (shape ``(M, d)``) under ``flow`` (default the
-        trainer's ``eval_flow``) in eval mode, in batches; in a distributed run each rank
-        solves its slice of the rows and the sums are reduced. Under
-        ``on_solver_error="skip"`` a failed solve gives NaN and counts in :attr:`skipped`."""
-        flow = self.eval_flow if flow is None else flow
-        if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[0] == 0:
-            got = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-            raise ValueError(f"data must be a tensor of shape (M >= 1, d), got {got}")
-        rows = distributed.shard(data.to(self._like), even=False)
+    def evaluate(
+        self, data: Tensor | None = None, context: Tensor | None = None, model: nn.Module | None = None
+    ) -> float:
+        """The mean NLL of ``data`` (default: the :class:`Evaluation`'s data) under ``model``
+        (default: the evaluation's scorer of :attr:`eval_model`) by :func:`nll`: exact, in
+        eval mode. In a distributed run each rank solves its slice of the rows and the sums
+        are reduced.
+
+        Raises:
+            TrainingError: The ODE solver failed on some rank.
+        """
+        evaluation = self.evaluation
+        if data is None:
+            if evaluation is None:
+                raise ValueError("evaluate() needs data, or a trainer built with an Evaluation")
+            data, context = evaluation.data, evaluation.context
+        data, context = check_rows(data, context)
+        if model is None:
+            scorer = None if evaluation is None else evaluation.scorer
+            model = self.eval_model if scorer is None else scorer(self.eval_model)
+        batch_size = 4096 if evaluation is None else evaluation.batch_size
+        like = self._like
+        rows = distributed.shard(data.to(like), even=False)
+        rows_context = None if context is None else distributed.shard(context.to(like), even=False)
         failure, total = None, 0.0
-        with self._evaluating(flow):
-            try:
-                if len(rows):
-                    total = len(rows) * nll(lambda x, c: flow.log_prob(x), rows, batch_size=batch_size)
-            except SolverError as error:
-                failure = error
+        try:
+            if len(rows):
+                total = len(rows) * nll(model, rows, rows_context, batch_size=batch_size)
+        except SolverError as error:
+            failure = error
         failed, total = distributed.all_reduce_sum(
-            torch.tensor([failure is not None, total], dtype=torch.float64, device=self._like.device)
+            torch.tensor([failure is not None, total], dtype=torch.float64, device=like.device)
         ).tolist()
         if failed:
-            if self.on_solver_error == "stop":
-                where = " on another rank" if failure is None else f": {failure}"
-                raise TrainingError(
-                    f"the ODE solver failed evaluating the NLL after step {self.step}{where}"
-                    + self._checkpoint_note(),
-                    self.step,
-                    self.saved_step,
-                ) from failure
-            self.skipped += 1
-            return math.nan
-        return total / data.shape[0]
+            where = " on another rank" if failure is None else f": {failure}"
+            raise TrainingError(
+                f"the ODE solver failed evaluating the NLL after step {self.step}{where}" + self._checkpoint_note(),
+                self.step,
+                self.saved_step,
+            ) from failure
+        return total / len(data)
+
+    #: The entries of a checkpoint and their types, checked before a resume uses them.
+    STATE_KEYS: Mapping[str, type | tuple[type, ...]] = {
+        "model": dict, "optimizer": dict, "ema": (dict, type(None)), "step": int, "skipped": int,
+        "cpu_seconds": float, "history": list, "rng": dict, "config": dict,
+    }  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs (see the class docstring)."""
+        """Everything a resume needs (see the class docstring), keyed as :attr:`STATE_KEYS`."""
         rng = {"torch": torch.get_rng_state()}
         device = self._like.device
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
         return {
-            "flow": self.flow.state_dict(),
+            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "ema": None if self.averaged is None else self.averaged.state_dict(),
             "step": self.step,
             "skipped": self.skipped,
+            "cpu_seconds": self.cpu_seconds,
             "history": self.history,
             "rng": rng,
-            "config": self.config,
+            "config": dict({} if self.checkpoint is None else self.checkpoint.config),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.flow.load_state_dict(state["flow"])
+        """Restore :meth:`state_dict`'s output (e.g. from :meth:`read_checkpoint`)."""
+        if (state["ema"] is None) != (self.averaged is None):
+            raise ValueError(f"the state {'has' if self.averaged is None else 'lacks'} a weight average (ema)")
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.averaged is not None:
+            self.averaged.load_state_dict(state["ema"])
         self.step = state["step"]
         self.skipped = state["skipped"]
+        self.cpu_seconds = state["cpu_seconds"]
         self.history = list(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
+        # the random states are CPU byte tensors, wherever map_location put the rest
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         if "cuda" in state["rng"] and self._like.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self._like.device)
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self._like.device)
 
     def save(self) -> None:
-        """Write the checkpoint atomically (see :func:`save_atomic`). In a distributed run
-        rank 0 writes it and every rank returns once it is on disk, or raises if it is not."""
+        """Write the checkpoint atomically (see :func:`~pyro_cnf.training.checkpoint.save_checkpoint`).
+        In a distributed run rank 0 writes it and every rank returns once it is on disk, or
+        raises if it is not."""
         if self.checkpoint is None:
             raise ValueError("this Trainer has no checkpoint path")
         failure = None
         if distributed.is_main():
             try:
-                save_atomic(self.state_dict(), self.checkpoint)
+                save_checkpoint(self.state_dict(), self.checkpoint.path)
             except Exception as error:  # noqa: BLE001 - re-raised below, after telling the other ranks
                 failure = error
         # the other ranks learn whether the write failed, instead of waiting for rank 0 forever
@@ -600,13 +667,31 @@ class Trainer:
         if failure is not None:
             raise failure
         if failed:
-            raise OSError(f"rank 0 failed to write the checkpoint {self.checkpoint}")
+            raise OSError(f"rank 0 failed to write the checkpoint {self.checkpoint.path}")
         self.saved_step = self.step
 
-    def resume(self) -> bool:
-        """Load the checkpoint when the file exists; return whether it did."""
-        if self.checkpoint is None or not self.checkpoint.exists():
-            return False
-        self.load_state_dict(torch.load(self.checkpoint, map_location=self._like.device, weights_only=True))
+    def read_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint on disk, verified (checksum, entries); :class:`CheckpointError` if
+        it cannot be used."""
+        if self.checkpoint is None:
+            raise ValueError("this Trainer has no checkpoint path")
+        return load_checkpoint(self.checkpoint.path, self.STATE_KEYS, map_location=self._like.device)
+
+    def resume(self, state: Mapping[str, Any] | None = None) -> bool:
+        """Continue from the checkpoint (or ``state``, from :meth:`read_checkpoint`); return
+        whether there was one.
+
+        Raises:
+            CheckpointError: The checkpoint is damaged, or holds another model.
+        """
+        if state is None:
+            if self.checkpoint is None or not self.checkpoint.path.exists():
+                return False
+            state = self.read_checkpoint()
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            path = "the state" if self.checkpoint is None else self.checkpoint.path
+            raise CheckpointError(path, f"it does not fit this trainer: {error}", damaged=False) from error
         self.saved_step = self.step
         return True
