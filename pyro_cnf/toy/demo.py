@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="learning-rate schedule: constant, or cosine decay to 0 at --steps")
     add("--ema", type=_fraction, default=0.0,
         help="decay of an exponential moving average of the weights, which is then evaluated and drawn (0: none)")
-    add("--hidden", type=_widths, default=DEFAULTS["hidden"], help="hidden widths of the ODENet vector field, e.g. 64,64")
+    add("--hidden", type=_widths, default=DEFAULTS["hidden"],
+        help="hidden widths of the ODENet vector field, e.g. 64,64")
     add("--activation", default=DEFAULTS["activation"], choices=sorted(ACTIVATIONS), help="ODENet's activation")
     add("--objective", default="mle", choices=("mle", "flow_matching"),
         help="mle: exact maximum likelihood through the ODE solve; flow_matching: simulation-free "
@@ -157,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "Runge-Kutta solver, the others on torchdiffeq")
     mle.add_argument("--ode-steps", type=_int_in(1), default=DEFAULTS["ode_steps"],
                      help="steps over [0, T] of a fixed-grid --method")
-    mle.add_argument("--rtol", type=_positive, default=DEFAULTS["rtol"], help="relative tolerance of an adaptive --method")
-    mle.add_argument("--atol", type=_positive, default=DEFAULTS["atol"], help="absolute tolerance of an adaptive --method")
+    mle.add_argument("--rtol", type=_positive, default=DEFAULTS["rtol"],
+                     help="relative tolerance of an adaptive --method")
+    mle.add_argument("--atol", type=_positive, default=DEFAULTS["atol"],
+                     help="absolute tolerance of an adaptive --method")
     mle.add_argument("--lambda-kinetic", type=_non_negative, default=0.0, help="RNODE kinetic-energy penalty")
     mle.add_argument("--lambda-jacobian", type=_non_negative, default=0.0, help="RNODE Jacobian-norm penalty")
     fm = parser.add_argument_group("flow matching (--objective flow_matching)")
@@ -295,7 +298,8 @@ def _check_resume(parser: argparse.ArgumentParser, trainer: Trainer, config: dic
     saved = state["config"]
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} now"
             for k, v in config.items() if saved.get(k) != v]  # fmt: skip
-    diff += [f"--{k.replace('_', '-')} {v!r} in the checkpoint, unused now" for k, v in saved.items() if k not in config]
+    diff += [f"--{k.replace('_', '-')} {v!r} in the checkpoint, unused now"
+             for k, v in saved.items() if k not in config]  # fmt: skip
     if diff:
         parser.error("argument --resume: the checkpoint was trained with other settings: " + "; ".join(diff))
     if steps < state["step"]:

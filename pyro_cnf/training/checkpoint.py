@@ -136,10 +136,11 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
         3
         >>> data = bytearray(path.read_bytes()); data[-30] ^= 1  # flip one bit
         >>> _ = path.write_bytes(bytes(data))
-        >>> load_checkpoint(path)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        pyro_cnf.training.checkpoint.CheckpointError: cannot read checkpoint ...: its checksum does not match its contents; it was not written by this program or is damaged
+        >>> try:
+        ...     load_checkpoint(path)
+        ... except CheckpointError as error:
+        ...     print(error.reason)
+        its checksum does not match its contents
     """
     payload = _serialise(dict(state))
     header = MAGIC + b" sha256=" + hashlib.sha256(payload).hexdigest().encode() + b"\n"

@@ -46,7 +46,9 @@ class Objective:
         (``(B, c)`` or ``None``): ``(x, context, *drawn)``, every tensor with ``B`` rows."""
         return x, context
 
-    def loss(self, model: nn.Module, x: Tensor, context: Tensor | None, *drawn: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, model: nn.Module, x: Tensor, context: Tensor | None, *drawn: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of a batch (a 0-d tensor to minimise) and the metrics named by
         :meth:`metrics`, 0-d tensors."""
         raise NotImplementedError
@@ -100,12 +102,15 @@ class MaximumLikelihood(Objective):
             )
         return ("loss", "nll") + (("nfe",) if flow else ()) + (("kinetic", "jacobian") if self.penalised else ())
 
-    def loss(self, model: nn.Module, x: Tensor, context: Tensor | None, *drawn: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, model: nn.Module, x: Tensor, context: Tensor | None, *drawn: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         if not isinstance(model, ContinuousFlow):
             log_prob = model.log_prob(x) if context is None else model.log_prob(x, context)
             if not isinstance(log_prob, Tensor) or log_prob.shape != x.shape[:1]:
                 got = tuple(log_prob.shape) if isinstance(log_prob, Tensor) else type(log_prob).__name__
-                raise ValueError(f"{type(model).__name__}.log_prob returned {got} for {len(x)} rows; expected ({len(x)},)")
+                name, n = type(model).__name__, len(x)
+                raise ValueError(f"{name}.log_prob returned {got} for {n} rows; expected ({n},)")
             nll = -log_prob.mean()
             return nll, {"loss": nll, "nll": nll}
         z, ladj, stats = model(x, context, return_stats=True)
@@ -176,10 +181,13 @@ class FlowMatching(Objective):
             noise = noise[minibatch_ot_pairing(x, noise, context)]
         return x, context, t, noise
 
-    def loss(self, model: nn.Module, x: Tensor, context: Tensor | None, *drawn: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, model: nn.Module, x: Tensor, context: Tensor | None, *drawn: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         t, noise = drawn
         # the pairs are already coupled by draw(), over the whole batch
         loss = flow_matching_loss(
-            model.vector_field, x, context=context, path=self.path, sigma_min=self.sigma_min, T=model.T, t=t, noise=noise
+            model.vector_field, x, context=context, path=self.path, sigma_min=self.sigma_min, T=model.T, t=t,
+            noise=noise,
         )
         return loss, {"loss": loss}

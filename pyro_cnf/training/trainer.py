@@ -130,7 +130,9 @@ def _eval_mode(model: object) -> Iterator[None]:
             module.training = training
 
 
-def nll(model: nn.Module | Callable[..., Tensor], data: Tensor, context: Tensor | None = None, batch_size: int = 4096) -> float:
+def nll(
+    model: nn.Module | Callable[..., Tensor], data: Tensor, context: Tensor | None = None, batch_size: int = 4096
+) -> float:
     """The mean negative log-likelihood of ``data`` (shape ``(N, d)``, with ``context`` of
     shape ``(N, c)``), ``batch_size`` rows at a time, under ``torch.no_grad()``.
 
@@ -458,17 +460,39 @@ class Trainer:
         return history
 
     def _train_step(self, i: int, done: float) -> dict[str, float]:
+        """Step ``i``, then its bookkeeping: history, evaluation, checkpoint, callbacks."""
         batch = self.batches(i)
         if isinstance(batch, (tuple, list)) and len(batch) != 2:
-            raise ValueError(f"batches({i}) must return a tensor of shape (B, d) or a pair (x, context), got {len(batch)} items")
+            got = f"{len(batch)} items"
+            raise ValueError(f"batches({i}) must return a tensor of shape (B, d) or a pair (x, context), got {got}")
         x, context = check_rows(*(batch if isinstance(batch, (tuple, list)) else (batch, None)), name=f"batches({i})")
+        parallel = distributed.is_distributed()
         start = time.process_time()
+        metrics = self._optimise(i, done, x, context, parallel)
+        spent = time.process_time() - start
+        if parallel:  # the ranks agree on the budget spent, which drives the schedule
+            spent = distributed.all_reduce_mean(torch.tensor(spent, dtype=torch.float64, device=x.device)).item()
+        self.cpu_seconds += spent
+        self.step = i + 1
+        self.history.append({"step": i, **metrics})
+        evaluation = self.evaluation
+        if evaluation is not None and evaluation.every and self.step % evaluation.every == 0:
+            metrics["eval_nll"] = self.history[-1]["eval_nll"] = self._periodic_evaluation()
+        if self.checkpoint is not None and self.step % self.checkpoint.every == 0:
+            self.save()
+        stop = any([bool(callback(self, metrics)) for callback in self.callbacks])
+        if parallel:  # one rank's callback stops them all
+            stop = distributed.all_reduce_sum(torch.tensor([float(stop)], device=self._like.device)).item() > 0
+        self._stop = stop
+        return metrics
+
+    def _optimise(self, i: int, done: float, x: Tensor, context: Tensor | None, parallel: bool) -> dict[str, float]:
+        """The optimiser step on the global batch ``x`` (this rank's slice of it); its metrics."""
         if self.factor is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * self.factor(done)
         like = self._like
         inputs = self.objective.draw(self.model, x.to(like), None if context is None else context.to(like))
-        parallel = distributed.is_distributed()
         if parallel:
             inputs = [None if v is None else distributed.shard(v) for v in inputs]
         self.optimizer.zero_grad(set_to_none=True)
@@ -485,46 +509,29 @@ class Trainer:
             reduced = distributed.all_reduce_sum(torch.cat([values.new_tensor([failed]), values]))
             failed, values = bool(reduced[0] > 0), reduced[1:] / distributed.get_world_size()
         if failed:
-            metrics = self._solver_failed(i, failure)
-        else:
-            metrics = dict(zip(self._loss.names, values.tolist()))
-            if not math.isfinite(metrics["loss"]):
+            return self._solver_failed(i, failure)
+        metrics = dict(zip(self._loss.names, values.tolist()))
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingError(
+                f"the loss is {metrics['loss']} at step {i}; stopped without saving" + self._checkpoint_note(),
+                i,
+                self.saved_step,
+            )
+        try:
+            loss.backward()
+        except SolverError as error:  # the adjoint's backward solve
+            if parallel:  # the other ranks wait in DDP's all-reduce
                 raise TrainingError(
-                    f"the loss is {metrics['loss']} at step {i}; stopped without saving" + self._checkpoint_note(),
-                    i,
-                    self.saved_step,
-                )
-            try:
-                loss.backward()
-            except SolverError as error:  # the adjoint's backward solve
-                if distributed.get_world_size() > 1:  # the other ranks wait in DDP's all-reduce
-                    raise TrainingError(
-                        f"the adjoint ODE solve failed in backward at step {i} on this rank: {error}; the other "
-                        "ranks stop at the collective timeout" + self._checkpoint_note(), i, self.saved_step
-                    ) from error
-                self.optimizer.zero_grad(set_to_none=True)
-                metrics = self._solver_failed(i, error)
-            else:
-                self.optimizer.step()
-                self._failed_in_a_row = 0
-                if self.averaged is not None:
-                    with torch.no_grad():
-                        torch._foreach_lerp_(list(self.averaged.parameters()), list(self.model.parameters()), 1 - self.ema)
-        spent = time.process_time() - start
-        if parallel:  # the ranks agree on the budget spent, which drives the schedule
-            spent = distributed.all_reduce_mean(torch.tensor(spent, dtype=torch.float64, device=like.device)).item()
-        self.cpu_seconds += spent
-        self.step = i + 1
-        self.history.append({"step": i, **metrics})
-        evaluation = self.evaluation
-        if evaluation is not None and evaluation.every and self.step % evaluation.every == 0:
-            metrics["eval_nll"] = self.history[-1]["eval_nll"] = self._periodic_evaluation()
-        if self.checkpoint is not None and self.step % self.checkpoint.every == 0:
-            self.save()
-        stop = any([bool(callback(self, metrics)) for callback in self.callbacks])
-        if parallel:  # one rank's callback stops them all
-            stop = distributed.all_reduce_sum(torch.tensor([float(stop)], device=like.device)).item() > 0
-        self._stop = stop
+                    f"the adjoint ODE solve failed in backward at step {i} on this rank: {error}; the other "
+                    "ranks stop at the collective timeout" + self._checkpoint_note(), i, self.saved_step
+                ) from error
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._solver_failed(i, error)
+        self.optimizer.step()
+        self._failed_in_a_row = 0
+        if self.averaged is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.averaged.parameters()), list(self.model.parameters()), 1 - self.ema)
         return metrics
 
     def _solver_failed(self, i: int, failure: SolverError | None) -> dict[str, float]:
