@@ -29,7 +29,7 @@ N = 1024
 def trained_fields(log=print) -> dict[str, torch.nn.Module]:
     """Fields after a short training: maximum likelihood (8 Gaussians, 50 and 300 Adam steps
     at 1e-2; checkerboard 300 steps) and flow matching (checkerboard, 3000 steps)."""
-    from pyro_cnf import datasets
+    from pyro_cnf.toy import datasets
 
     out = {}
     for name, data, steps in (("MLE 8gaussians 50", "8gaussians", 50), ("MLE 8gaussians 300", "8gaussians", 300),

@@ -1,22 +1,23 @@
 """Density training runs under an equal CPU budget, and the one exact evaluator they are
 all scored by (W2, W4).
 
-Each run builds a model, then takes Adam steps on fresh minibatches until its process
-CPU time reaches the budget. CNF runs are scored by :func:`exact_nll`: their trained field
-integrated by ``pyro_cnf.ContinuousFlow`` with the exact trace at rtol = atol = 1e-6, so
-that every CNF is judged by the same solver and no run profits from a loose tolerance or
-a noisy trace. MAF is exact by construction and scored by its own ``log_prob``.
+Each run builds a model, then trains it with ``pyro_cnf.training.Trainer`` (Adam on fresh
+minibatches) until the CPU time of its steps reaches the budget. CNF runs are scored by
+:func:`exact_nll`: their trained field integrated by ``pyro_cnf.ContinuousFlow`` with the
+exact trace at rtol = atol = 1e-6, so that every CNF is judged by the same solver and no
+run profits from a loose tolerance or a noisy trace. MAF is exact by construction and
+scored by its own ``log_prob``. The peers (zuko, torchdyn, nflows' MAF) train through the
+same Trainer as small modules with ``log_prob``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field as dc_field
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 import pyro_cnf
 from common import normal_log_prob
 from peers import TimeInjected
+from pyro_cnf.training import FlowMatching, MaximumLikelihood, Objective, Trainer, TrainingError
 
 #: Run names and what they train; see :func:`build`.
 RUNS = {
@@ -46,12 +48,11 @@ RUNS = {
     "maf": "nflows MaskedAutoregressiveFlow, 5 layers, hidden 64",
 }
 EVAL_TOL = 1e-6
-#: The ``pyro_cnf_fm`` run: ODENet options, optimiser and flow-matching loss options.
-#: ``lr`` replaces the shared learning rate; ``schedule`` "cosine" decays it to 0 over the
-#: CPU budget (``lr * (1 + cos(pi * spent / budget)) / 2``), "constant" keeps it;
-#: ``batches`` draws that many minibatches per step (a batch of ``batches * BATCH``);
-#: ``ema`` > 0 evaluates an exponential moving average of the weights with that decay;
-#: ``t_power`` draws the times as ``T * u ** t_power``, ``u ~ U(0, 1)`` (> 1: more near the data).
+#: The ``pyro_cnf_fm`` run: ODENet options, then Trainer options (``lr`` replaces the shared
+#: learning rate; ``schedule`` "cosine" decays it to 0 over the CPU budget; ``ema`` > 0
+#: evaluates an exponential moving average of the weights with that decay), ``batches``
+#: minibatches per step (a batch of ``batches * BATCH``), and the FlowMatching objective's
+#: ``coupling``, ``sigma_min``, ``path`` and ``t_power`` (times ``T * u ** t_power``).
 FM_RECIPE = dict(activation="silu", time_gate_scale=10.0, hidden=(64, 64, 64, 64), lr=2e-2, schedule="cosine",
                  batches=2, coupling="independent", sigma_min=1e-4, path="cosine", ema=0.0, t_power=1.0)
 #: The NFE of a trained field is measured with this adaptive solve (exact trace).
@@ -60,28 +61,25 @@ NFE_TOL = 1e-5
 
 @dataclass
 class Model:
-    """What a run trains: ``loss(x)`` for a step, ``field`` (CNFs) or ``log_prob`` (MAF)
-    for the evaluation, and the NFE of the last training solve. ``lr`` (None: the shared
-    one), ``schedule`` (fraction of the budget spent -> factor on ``lr``) and ``batches``
-    (minibatches per step) let a run keep its own optimiser settings; ``after_step`` runs
-    after every optimiser step (an EMA update) and ``eval_field`` gives the field to score."""
+    """What a run trains and how it is scored.
 
-    params: list[nn.Parameter]
-    loss: Callable[[Tensor], Tensor]
-    field: nn.Module | None = None
-    log_prob: Callable[[Tensor], Tensor] | None = None
+    ``module`` is what the Trainer trains by ``objective``, with ``lr`` (None: the shared
+    one), ``schedule`` and ``ema``, on ``batches`` minibatches per step. ``field`` maps the
+    trained module (the weight average with ``ema``) to the field the exact evaluator
+    integrates (CNFs; ``None``: scored by the module's own ``log_prob``); ``train_nfe``
+    gives the NFE of the last training solve; ``own_log_prob`` maps the trained module to
+    log p(x) by the run's own training solver (exact trace): a flow trained on a coarse grid
+    is only worth its NFE if this agrees with the exact evaluator."""
+
+    module: nn.Module
+    objective: Objective = dc_field(default_factory=MaximumLikelihood)
+    field: Callable[[nn.Module], nn.Module] | None = None
     train_nfe: Callable[[], int] = lambda: 0
     lr: float | None = None
-    schedule: Callable[[float], float] | None = None
+    schedule: str = "constant"
+    ema: float = 0.0
     batches: int = 1
-    after_step: Callable[[], None] | None = None
-    eval_field: Callable[[], nn.Module] | None = None
-    #: log p(x) by the run's own training solver (exact trace): a flow trained on a coarse
-    #: grid is only worth its NFE if this agrees with the exact evaluator.
-    own_log_prob: Callable[[Tensor], Tensor] | None = None
-
-    def scored_field(self) -> nn.Module | None:
-        return self.eval_field() if self.eval_field is not None else self.field
+    own_log_prob: Callable[[nn.Module], Callable[[Tensor], Tensor]] | None = None
 
 
 @dataclass
@@ -117,39 +115,69 @@ class ZukoField(nn.Module):
         return self.ffj.f(t, x)
 
 
-def cosine_decay(fraction: float) -> float:
-    """The factor on the learning rate once ``fraction`` of the budget is spent: 1 -> 0."""
-    return 0.5 * (1 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
+@contextlib.contextmanager
+def solver_errors() -> Iterator[None]:
+    """zuko's and torchdyn's solvers fail by assertion: make that the SolverError the
+    Trainer handles."""
+    try:
+        yield
+    except AssertionError as error:
+        raise pyro_cnf.SolverError(str(error)) from error
+
+
+class ZukoDensity(nn.Module):
+    """zuko.flows.CNF with ``log_prob`` and the calls of its MLP in the last forward solve."""
+
+    def __init__(self, d: int, hidden: tuple[int, ...]) -> None:
+        super().__init__()
+        import zuko
+
+        self.flow = zuko.flows.CNF(d, hidden_features=hidden, atol=1e-5, rtol=1e-5, exact=d <= 8)
+        self.calls = 0
+        self.flow.transform.ode.register_forward_hook(self._count)
+
+    def _count(self, *args: object) -> None:
+        self.calls += 1
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        self.calls = 0
+        with solver_errors():
+            return self.flow().log_prob(x)
+
+
+class TorchdynDensity(nn.Module):
+    """torchdyn's CNF + NeuralODE on a field ``net``, with ``log_prob``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        from torchdyn.core import NeuralODE
+        from torchdyn.models.cnf import CNF, autograd_trace
+
+        self.net = net
+        with contextlib.redirect_stdout(io.StringIO()):  # torchdyn prints a notice about wrapping
+            self.node = NeuralODE(CNF(TimeInjected(net), trace_estimator=autograd_trace), solver="dopri5",
+                                  sensitivity="autograd", atol=1e-5, rtol=1e-5, return_t_eval=False)
+        self.register_buffer("t_span", torch.tensor([0.0, 1.0]), persistent=False)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        self.node.vf.nfe = 0
+        with solver_errors():
+            sol = self.node(torch.cat([x.new_zeros(x.shape[0], 1), x], 1), self.t_span)[-1]
+        # torchdyn integrates -tr J in column 0: log p(x) = log p(z) - that.
+        return normal_log_prob(sol[:, 1:]) - sol[:, 0]
 
 
 def build_fm(d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | None = None) -> Model:
     """The flow-matching run of :data:`FM_RECIPE`, with ``recipe``'s entries replacing its own."""
-    from pyro_cnf.flow_matching import flow_matching_loss
-
     r = {**FM_RECIPE, **(recipe or {})}
     unknown = set(r) - set(FM_RECIPE)
     if unknown:
         raise ValueError(f"unknown flow-matching options {sorted(unknown)}; expected some of {sorted(FM_RECIPE)}")
     net = pyro_cnf.ODENet(d, tuple(r["hidden"] or hidden), activation=r["activation"],
                           time_gate_scale=r["time_gate_scale"])
-    schedules = {"cosine": cosine_decay, "constant": None}
-
-    def loss(x: Tensor) -> Tensor:
-        t = None if r["t_power"] == 1 else torch.rand(x.shape[0], 1, dtype=x.dtype).pow(r["t_power"])
-        return flow_matching_loss(net, x, t=t, coupling=r["coupling"], sigma_min=r["sigma_min"], path=r["path"])
-
-    model = Model(list(net.parameters()), loss, field=net, lr=r["lr"], schedule=schedules[r["schedule"]],
-                  batches=int(r["batches"]))
-    if r["ema"]:
-        average = copy.deepcopy(net).requires_grad_(False)
-        live, kept = list(net.parameters()), list(average.parameters())
-
-        def after_step() -> None:
-            with torch.no_grad():
-                torch._foreach_lerp_(kept, live, 1 - r["ema"])
-
-        model.after_step, model.eval_field = after_step, lambda: average
-    return model
+    objective = FlowMatching(path=r["path"], coupling=r["coupling"], sigma_min=r["sigma_min"], t_power=r["t_power"])
+    return Model(pyro_cnf.ContinuousFlow(net), objective, field=lambda flow: flow.vector_field, lr=r["lr"],
+                 schedule=r["schedule"], ema=r["ema"], batches=int(r["batches"]))
 
 
 def build(run: str, d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | None = None) -> Model:
@@ -166,57 +194,27 @@ def build(run: str, d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | N
         kw = (dict(method="rk4", steps=8) if run.startswith("pyro_cnf_rk4") else dict(steps=int(grid[1]))
               if grid else dict(rtol=1e-5, atol=1e-5))
         regularize = run.endswith("_rnode")
-        lam = float(lam_text) if lam_text else 0.01 if run == "pyro_cnf_rk4_rnode" else 0.05
+        lam = (float(lam_text) if lam_text else 0.01 if run == "pyro_cnf_rk4_rnode" else 0.05) if regularize else 0.0
         trace = "hutchinson" if run == "pyro_cnf_hutch" else "exact"
         flow = pyro_cnf.ContinuousFlow(net, trace=trace, regularize=regularize, **kw)
-        own = pyro_cnf.ContinuousFlow(net, trace="exact", **kw)  # the same solver, no penalty integrals
 
-        def loss(x: Tensor) -> Tensor:
-            z, ladj, stats = flow(x, return_stats=True)
-            nll = -(normal_log_prob(z) + ladj).mean()
-            if regularize:
-                nll = nll + lam * (stats.kinetic_energy.mean() + stats.jacobian_norm.mean())
-            return nll
+        def own_log_prob(trained: nn.Module) -> Callable[[Tensor], Tensor]:
+            # the same solver, no penalty integrals
+            return pyro_cnf.ContinuousFlow(trained.vector_field, trace="exact", **kw).log_prob
 
-        def own_log_prob(x: Tensor) -> Tensor:
-            z, ladj = own(x)
-            return normal_log_prob(z) + ladj
-
-        return Model(list(net.parameters()), loss, field=net, train_nfe=lambda: flow.nfe,
-                     own_log_prob=None if trace == "hutchinson" else own_log_prob)
+        return Model(flow, MaximumLikelihood(lam, lam), field=lambda trained: trained.vector_field,
+                     train_nfe=lambda: flow.nfe, own_log_prob=None if trace == "hutchinson" else own_log_prob)
     if run == "zuko":
-        import zuko
-
-        flow = zuko.flows.CNF(d, hidden_features=hidden, atol=1e-5, rtol=1e-5, exact=d <= 8)
-        calls = [0]
-        flow.transform.ode.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-
-        def loss(x: Tensor) -> Tensor:
-            calls[0] = 0
-            return -flow().log_prob(x).mean()
-
-        return Model(list(flow.parameters()), loss, field=ZukoField(flow.transform, d), train_nfe=lambda: calls[0])
+        zuko = ZukoDensity(d, hidden)
+        return Model(zuko, field=lambda trained: ZukoField(trained.flow.transform, d), train_nfe=lambda: zuko.calls)
     if run == "torchdyn":
-        from torchdyn.core import NeuralODE
-        from torchdyn.models.cnf import CNF, autograd_trace
-
-        net = pyro_cnf.ODENet(d, hidden)
-        with contextlib.redirect_stdout(io.StringIO()):
-            node = NeuralODE(CNF(TimeInjected(net), trace_estimator=autograd_trace), solver="dopri5",
-                             sensitivity="autograd", atol=1e-5, rtol=1e-5, return_t_eval=False)
-        t_span = torch.tensor([0.0, 1.0])
-
-        def loss(x: Tensor) -> Tensor:
-            node.vf.nfe = 0
-            sol = node(torch.cat([x.new_zeros(x.shape[0], 1), x], 1), t_span)[-1]
-            return -(normal_log_prob(sol[:, 1:]) - sol[:, 0]).mean()
-
-        return Model(list(net.parameters()), loss, field=net, train_nfe=lambda: int(node.vf.nfe))
+        torchdyn = TorchdynDensity(pyro_cnf.ODENet(d, hidden))
+        return Model(torchdyn, field=lambda trained: trained.net, train_nfe=lambda: int(torchdyn.node.vf.nfe))
     if run == "maf":
         from nflows.flows import MaskedAutoregressiveFlow
 
-        maf = MaskedAutoregressiveFlow(features=d, hidden_features=hidden[0], num_layers=5, num_blocks_per_layer=2)
-        return Model(list(maf.parameters()), lambda x: -maf.log_prob(x).mean(), log_prob=maf.log_prob)
+        return Model(MaskedAutoregressiveFlow(features=d, hidden_features=hidden[0], num_layers=5,
+                                              num_blocks_per_layer=2))
     raise ValueError(f"unknown run {run!r}; expected one of {sorted(RUNS)}")
 
 
@@ -249,74 +247,64 @@ def train(run: str, d: int, next_batch: Callable[[int], Tensor], budget: float, 
 
     ``curve_at``: CPU seconds at which the held-out NLL of the first ``n_curve`` test
     points is recorded in ``result.nll_curve`` (exact evaluator; the evaluation's own time
-    is not counted in the budget). ``keep``, a dict, receives the trained ``model``."""
+    is not counted in the budget). ``keep``, a dict, receives the trained ``field`` (CNFs)."""
     torch.manual_seed(seed)
     model = build(run, d, recipe=recipe)
     result = RunResult(run)
-    base_lr = model.lr if model.lr is not None else lr
-    optimizer = torch.optim.Adam(model.params, lr=base_lr)
     if model.field is not None:
-        result.nfe_start = field_nfe(model.field, nfe_batch)
+        result.nfe_start = field_nfe(model.field(model.module), nfe_batch)
     checkpoints = sorted(c for c in curve_at if 0 < c < budget) if model.field is not None else []
     result.n_curve = min(n_curve, len(test)) if checkpoints else 0
+    k = model.batches
+    batches = next_batch if k == 1 else lambda step: torch.cat([next_batch(step * k + j) for j in range(k)])
+    last_report = [0.0]
 
-    def record_curve() -> None:
-        nll = -exact_log_prob(model.scored_field(), test[: result.n_curve]).double().mean().item()
-        result.nll_curve.append((round(spent, 2), result.steps, nll))
-
-    spent, last_report = 0.0, 0.0
-    while spent < budget:
-        k = model.batches
-        x = next_batch(result.steps) if k == 1 else torch.cat([next_batch(result.steps * k + j) for j in range(k)])
-        start = time.process_time()
-        try:
-            if model.schedule is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = base_lr * model.schedule(spent / budget)
-            optimizer.zero_grad(set_to_none=True)
-            loss = model.loss(x)
-            loss.backward()
-            optimizer.step()
-            if model.after_step is not None:
-                model.after_step()
-        except (pyro_cnf.SolverError, AssertionError) as error:  # zuko/torchdyn assert too
-            result.failed = f"step {result.steps}: {str(error)[:120]}"
-            log(f"    {run}: training stopped, {result.failed}")
-            break
-        spent += time.process_time() - start
-        if result.steps == 0:
+    def record(trainer: Trainer, metrics: dict[str, float]) -> None:
+        """After every step: NFE, the NLL curve, and a log line every quarter of the budget."""
+        result.steps, spent = trainer.step, trainer.cpu_seconds
+        if trainer.step == 1:
             result.train_nfe_start = model.train_nfe()
-        result.steps += 1
         result.train_nfe_end = model.train_nfe()
         while checkpoints and spent >= checkpoints[0]:
             checkpoints.pop(0)
-            record_curve()
-        if spent - last_report >= budget / 4 or spent >= budget:
-            last_report = spent
-            result.curve.append((round(spent, 1), result.steps, loss.item()))
-            log(f"    {run}: {spent:6.1f} s  step {result.steps:5d}  loss {loss.item():.3f}  train NFE {result.train_nfe_end}")
-    result.cpu_s = spent
-    field = model.scored_field()
+            nll = -exact_log_prob(model.field(trainer.eval_model), test[: result.n_curve]).double().mean().item()
+            result.nll_curve.append((round(spent, 2), trainer.step, nll))
+        if spent - last_report[0] >= budget / 4 or spent >= budget:
+            last_report[0] = spent
+            result.curve.append((round(spent, 1), trainer.step, metrics["loss"]))
+            log(f"    {run}: {spent:6.1f} s  step {trainer.step:5d}  loss {metrics['loss']:.3f}  "
+                f"train NFE {result.train_nfe_end}")
+
+    trainer = Trainer(model.module, batches, model.objective, lr=model.lr if model.lr is not None else lr,
+                      schedule=model.schedule, ema=model.ema, callbacks=[record], disable=True)
+    try:
+        trainer.fit(cpu_seconds=budget)
+    except TrainingError as error:
+        result.failed = f"step {trainer.step}: {str(error.__cause__ or error)[:120]}"
+        log(f"    {run}: training stopped, {result.failed}")
+    result.cpu_s = trainer.cpu_seconds
+    field = None if model.field is None else model.field(trainer.eval_model).eval()
     if field is not None:
-        field.eval()
         result.nfe_end = field_nfe(field, nfe_batch)
     if evaluate:
         with torch.no_grad():
             if field is not None:
                 logp = exact_log_prob(field, test)
             else:
-                logp = torch.cat([model.log_prob(rows) for rows in test.split(4096)])
+                trainer.eval_model.eval()
+                logp = torch.cat([trainer.eval_model.log_prob(rows) for rows in test.split(4096)])
         result.nll = -logp.double().mean().item()
         if model.own_log_prob is not None:
+            own_log_prob = model.own_log_prob(trainer.eval_model)
             with torch.no_grad():
-                own = torch.cat([model.own_log_prob(rows) for rows in test.split(4096)])
+                own = torch.cat([own_log_prob(rows) for rows in test.split(4096)])
             result.nll_own = -own.double().mean().item()
         n = result.n_curve or min(n_curve, len(test))
         result.nll_subset = -logp[:n].double().mean().item()
         if result.nll_curve:
-            result.nll_curve.append((round(spent, 2), result.steps, result.nll_subset))
+            result.nll_curve.append((round(result.cpu_s, 2), result.steps, result.nll_subset))
     if keep is not None:
-        keep["model"] = model
+        keep["field"] = field
     return result
 
 

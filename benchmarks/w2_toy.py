@@ -33,7 +33,7 @@ REACH_TARGET = 0.2
 
 def toy_data():
     """``(sample(name, n, seed), true_log_prob(name, x) or None)``: pyro_cnf.datasets."""
-    from pyro_cnf import datasets
+    from pyro_cnf.toy import datasets
 
     return datasets.sample, datasets.true_log_prob
 
@@ -57,7 +57,7 @@ def run_w2(names, runs, budget: float, n_test: int = 20_000, seed: int = 0, log=
             log(f"  {name} {run}: NLL {r.nll:.3f} after {r.steps} steps; NFE {r.nfe_start} -> {r.nfe_end}")
             r = asdict(r)
             if fm and not r["failed"]:
-                r["costs"] = solver_costs(keep["model"].scored_field().eval(), test, 2)
+                r["costs"] = solver_costs(keep["field"], test, 2)
                 log(f"  {name} {run}: sampling NFE {r['costs']['sample_nfe']}; rk4 NLL "
                     + ", ".join(f"x{k}: {v:.3f}" for k, v in r["costs"]["rk4"].items()))
             results.append(r)

@@ -37,7 +37,7 @@ from sklearn.datasets import load_breast_cancer  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import pyro_cnf  # noqa: E402
-from pyro_cnf.train import progress_loop  # noqa: E402
+from pyro_cnf.training import progress_loop  # noqa: E402
 
 
 def load_data(features: int, seed: int) -> tuple[torch.Tensor, ...]:

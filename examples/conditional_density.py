@@ -34,10 +34,10 @@ import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 from nflows.distributions import StandardNormal  # noqa: E402
 from nflows.flows import Flow  # noqa: E402
-from torch import Tensor  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 import pyro_cnf  # noqa: E402
-from pyro_cnf.train import fit_density, nll  # noqa: E402
+from pyro_cnf.training import Trainer, nll  # noqa: E402
 
 NOISE = 0.3
 PLOT_CONTEXTS = (-1.0, 0.5, 1.0, 2.0)
@@ -65,16 +65,38 @@ def true_log_prob(y: Tensor, x: Tensor) -> Tensor:
     return torch.special.i0e(z).log() + z - (norm**2 + r**2) / (2 * NOISE**2) - math.log(2 * math.pi * NOISE**2)
 
 
-def pyro_model(hidden: Sequence[int], tol: float) -> tuple[LogProb, torch.nn.Module]:
-    transform = pyro_cnf.ConditionalCNF(2, 1, hidden_dims=hidden, rtol=tol, atol=tol)
-    base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
-    density = dist.ConditionalTransformedDistribution(base, [transform])
-    return lambda y, x: density.condition(x).log_prob(y), transform
+class PyroConditional(nn.Module):
+    """A Pyro ``ConditionalTransformedDistribution`` with a ``ConditionalCNF`` as a module
+    with ``log_prob(y, x)``, which is what the trainer needs."""
+
+    def __init__(self, hidden: Sequence[int], tol: float) -> None:
+        super().__init__()
+        self.transform = pyro_cnf.ConditionalCNF(2, 1, hidden_dims=hidden, rtol=tol, atol=tol)
+        base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+        self.density = dist.ConditionalTransformedDistribution(base, [self.transform])
+
+    def log_prob(self, y: Tensor, x: Tensor) -> Tensor:
+        return self.density.condition(x).log_prob(y)
 
 
-def nflows_model(hidden: Sequence[int], tol: float) -> tuple[LogProb, torch.nn.Module]:
-    flow = Flow(pyro_cnf.CNFTransform(2, hidden_dims=hidden, context_dim=1, rtol=tol, atol=tol), StandardNormal([2]))
-    return lambda y, x: flow.log_prob(y, context=x), flow
+def pyro_model(hidden: Sequence[int], tol: float) -> nn.Module:
+    return PyroConditional(hidden, tol)
+
+
+def nflows_model(hidden: Sequence[int], tol: float) -> nn.Module:
+    # an nflows Flow already has log_prob(inputs, context)
+    return Flow(pyro_cnf.CNFTransform(2, hidden_dims=hidden, context_dim=1, rtol=tol, atol=tol), StandardNormal([2]))
+
+
+def minibatches(y: Tensor, x: Tensor, batch_size: int, seed: int):
+    """``step -> (y, x)``: ``batch_size`` rows drawn without replacement every step."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch(step: int) -> tuple[Tensor, Tensor]:
+        rows = torch.randperm(len(y), generator=generator)[:batch_size]
+        return y[rows], x[rows]
+
+    return batch
 
 
 @torch.no_grad()
@@ -118,13 +140,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log_probs: dict[str, LogProb] = {"true": true_log_prob}
     for name, build in (("Pyro ConditionalCNF", pyro_model), ("nflows CNFTransform", nflows_model)):
         torch.manual_seed(args.seed)  # the same initial field for both adapters
-        log_prob, module = build(args.hidden, args.tol)
+        model = build(args.hidden, args.tol)
         start = time.perf_counter()
-        fit_density(log_prob, module.parameters(), y_train, context=x_train, steps=args.steps,
-                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, desc=name)
-        module.eval()
-        metrics[name] = {"test_nll": nll(log_prob, y_test, x_test), "train_seconds": time.perf_counter() - start}
-        log_probs[name] = log_prob
+        batches = minibatches(y_train, x_train, args.batch_size, args.seed)
+        Trainer(model, batches, lr=args.lr, desc=name).fit(args.steps)
+        model.eval()
+        metrics[name] = {"test_nll": nll(model, y_test, x_test), "train_seconds": time.perf_counter() - start}
+        log_probs[name] = model.log_prob
         print(f"{name}: held-out NLL {metrics[name]['test_nll']:.4f} (true density: {metrics['true_nll']:.4f}),"
               f" {metrics[name]['train_seconds']:.0f} s")
 

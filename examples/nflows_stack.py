@@ -37,7 +37,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import pyro_cnf  # noqa: E402
-from pyro_cnf.train import fit_density, nll  # noqa: E402
+from pyro_cnf.training import Trainer, nll  # noqa: E402
 
 ALPHA = 0.05  # keeps the logit away from +-infinity at the pixel values 0 and 16
 LEVELS = 17  # pixel values 0..16
@@ -76,14 +76,27 @@ def make_flow(layers: int, hidden: int, cnf_hidden: Sequence[int] | None, tol: f
     return Flow(CompositeTransform(transforms), StandardNormal([DIM]))
 
 
-def log_prob_u(flow: Flow):
+class DequantisedDensity(torch.nn.Module):
     """``log p(u)`` of dequantised images: the flow's density of ``s`` times the logit's Jacobian."""
 
-    def log_prob(u: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        s, ladj = to_logit(u)
-        return flow.log_prob(s) + ladj
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        self.flow = flow
 
-    return log_prob
+    def log_prob(self, u: torch.Tensor) -> torch.Tensor:
+        s, ladj = to_logit(u)
+        return self.flow.log_prob(s) + ladj
+
+
+def minibatches(pixels: torch.Tensor, batch_size: int, seed: int):
+    """``step -> u``: ``batch_size`` images drawn without replacement, dequantised with fresh
+    noise (a bound on the discrete likelihood, not a fit to one noise draw)."""
+    rows, noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+    def batch(step: int) -> torch.Tensor:
+        return dequantise(pixels[torch.randperm(len(pixels), generator=rows)[:batch_size]], noise)
+
+    return batch
 
 
 def plot(images: dict[str, torch.Tensor], path: Path) -> None:
@@ -124,16 +137,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, cnf_hidden in (("MAF", None), ("MAF+CNF", args.cnf_hidden)):
         torch.manual_seed(args.seed)
         flow = make_flow(args.layers, args.hidden, cnf_hidden, args.tol)
-        log_prob = log_prob_u(flow)
-        # fresh dequantisation noise in every batch (a bound on the discrete likelihood, not a
-        # fit to one noise draw), the same stream for both flows
-        noise = torch.Generator().manual_seed(args.seed + 1)
-        start = time.perf_counter()
-        history = fit_density(lambda x, c: log_prob(dequantise(x, noise)), flow.parameters(), train,
-                              steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, desc=name)
+        model = DequantisedDensity(flow)
+        start = time.perf_counter()  # the same minibatches and noise for both flows
+        history = Trainer(model, minibatches(train, args.batch_size, args.seed), lr=args.lr, desc=name).fit(args.steps)
         seconds = time.perf_counter() - start
         flow.eval()
-        test_nll = nll(log_prob, test_u)
+        test_nll = nll(model, test_u)
         metrics[name] = {
             "test_nll_nats": test_nll,
             "test_bits_per_pixel": (test_nll + DIM * math.log(LEVELS)) / (DIM * math.log(2)),

@@ -30,7 +30,7 @@ from pyro.infer import SVI, Trace_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow  # noqa: E402
 
 import pyro_cnf  # noqa: E402
-from pyro_cnf.train import progress_loop  # noqa: E402
+from pyro_cnf.training import progress_loop  # noqa: E402
 
 # name: (the law of z1, the law of z2 given z1, plot limits (z1, z2))
 TARGETS: dict[str, tuple[Callable, Callable, tuple]] = {

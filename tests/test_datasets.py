@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pyro_cnf import datasets
-from pyro_cnf.datasets import GAUSSIANS_STD, NAMES, sample, true_log_prob
+from pyro_cnf.toy import datasets
+from pyro_cnf.toy.datasets import GAUSSIANS_STD, NAMES, sample, true_log_prob
 
 CLOSED_FORM = ("checkerboard", "8gaussians")
 

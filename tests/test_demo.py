@@ -1,16 +1,21 @@
-"""The demo's command line, its outputs, and the plotting helpers it draws with."""
+"""The demo's command line, its outputs and their safety, and the plotting helpers it draws with."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import matplotlib.image
 import pytest
 import torch
 
-from pyro_cnf import ContinuousFlow, ODENet
-from pyro_cnf.demo import main
-from pyro_cnf.train import Trainer, TrainingError
-from pyro_cnf.plots import density_grid, plot_flow, trajectories
+from pyro_cnf import ContinuousFlow, ODENet, SolverError
+from pyro_cnf.demo import build_parser, main
+from pyro_cnf.toy import demo
+from pyro_cnf.toy.plots import density_grid, plot_flow, trajectories
+from pyro_cnf.training import RunLock, Trainer, TrainingError, load_checkpoint, save_checkpoint
 
 from .fields import LinearField, random_matrix
 
@@ -21,6 +26,10 @@ FAST = ["--batch-size", "32", "--hidden", "8,8", "--ode-steps", "2", "--eval-siz
 
 def run_demo(tmp_path, *args):
     return main([*FAST, "--out", str(tmp_path), *args])
+
+
+def checkpoint_of(out):
+    return load_checkpoint(out / "checkpoint.pt", Trainer.STATE_KEYS)
 
 
 # --- bad arguments -----------------------------------------------------------------------------
@@ -47,6 +56,17 @@ def error_line(capsys):
         (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
         (["--method", "leapfrog"], "argument --method: invalid choice"),
         (["--device", "tpu:0"], "argument --device"),
+        # issue 14: validated at parsing, not a traceback (or an overflow) later
+        (["--seed", "1e23"], "argument --seed: expected an integer, got '1e23'"),
+        (["--seed", str(10**23)], "argument --seed: expected an integer in [0, 9223372036854775807], got 1000"),
+        (["--seed", "-1"], "argument --seed: expected an integer in [0, 9223372036854775807], got -1"),
+        (["--objective", "flow_matching", "--lambda-kinetic", "0.1"],
+         "argument --lambda-kinetic: the RNODE penalty applies to --objective mle only"),
+        (["--path", "cosine"], "argument --path: applies to --objective flow_matching only"),
+        (["--sigma-min", "1"], "argument --sigma-min: expected a number in [0, 1), got 1"),
+        (["--ema", "1"], "argument --ema: expected a number in [0, 1), got 1"),
+        (["--schedule", "linear"], "argument --schedule: invalid choice"),
+        (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
@@ -81,6 +101,113 @@ def test_resume_without_checkpoint_or_with_other_settings_exits_2(tmp_path, caps
     assert info.value.code == 2 and "below the 2 steps of the checkpoint" in error_line(capsys)
 
 
+def test_settings_a_run_does_not_use_do_not_block_its_resume(tmp_path, capsys):
+    # issue 14: an adaptive method's --rtol on an rk4 run, the solver under flow matching
+    assert run_demo(tmp_path / "rk4", "--steps", "2") == 0
+    assert run_demo(tmp_path / "rk4", "--steps", "3", "--resume", "--rtol", "0.1", "--eval-tol", "1e-4") == 0
+    fm = ["--objective", "flow_matching"]
+    assert run_demo(tmp_path / "fm", "--steps", "2", *fm) == 0
+    assert run_demo(tmp_path / "fm", "--steps", "3", "--resume", "--method", "dopri5", *fm) == 0
+    assert "trace" not in checkpoint_of(tmp_path / "fm")["config"]
+    # ... while a cosine schedule spans --steps, which then must not change
+    assert run_demo(tmp_path / "cos", "--steps", "2", "--schedule", "cosine") == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_demo(tmp_path / "cos", "--steps", "3", "--resume", "--schedule", "cosine")
+    assert "--steps 2 in the checkpoint, 3 now" in error_line(capsys)
+
+
+def test_an_existing_checkpoint_needs_resume_or_overwrite(tmp_path, capsys):
+    # issue 14: a second run on the same --out used to replace the checkpoint silently
+    assert run_demo(tmp_path, "--steps", "4") == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_demo(tmp_path, "--steps", "2")
+    assert info.value.code == 2
+    assert (f"argument --out: '{tmp_path / 'checkpoint.pt'}' exists; pass --resume to continue that run or "
+            "--overwrite to start over") in error_line(capsys)  # fmt: skip
+    assert checkpoint_of(tmp_path)["step"] == 4
+    assert run_demo(tmp_path, "--steps", "2", "--overwrite") == 0
+    assert checkpoint_of(tmp_path)["step"] == 2
+
+
+def test_a_locked_out_refuses_a_second_run_at_once(tmp_path, capsys):
+    with RunLock(tmp_path) as lock:
+        with pytest.raises(SystemExit) as info:
+            run_demo(tmp_path, "--steps", "2")
+    assert info.value.code == 2
+    line = error_line(capsys)
+    assert f"argument --out: {tmp_path} is in use by another run: {lock.path} is held by pid {os.getpid()}" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, the lock file gone with its holder
+
+
+def test_two_demos_on_one_out_do_not_interleave(tmp_path):
+    command = [sys.executable, "-m", "pyro_cnf.demo", *FAST, "--checkpoint-every", "1", "--eval-every", "0",
+               "--out", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([*command, "--steps", "1000000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "checkpoint.pt").exists():
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the first run wrote no checkpoint"
+            time.sleep(0.05)
+        second = subprocess.run([*command, "--steps", "3", "--overwrite"], capture_output=True, text=True, env=env,
+                                timeout=240)  # fmt: skip
+        assert first.poll() is None  # still training, undisturbed
+    finally:
+        first.kill()
+        first.wait()
+        first.stderr.close()
+    assert second.returncode == 2
+    assert f"is in use by another run: {tmp_path / '.lock'} is held by pid {first.pid} on " in second.stderr
+    assert "pyro_cnf.demo" in second.stderr  # the holder's command line
+
+
+def test_every_output_is_written_atomically_and_never_through_a_symlink(tmp_path):
+    # issue 14: a symlink planted at out/metrics.json made the demo overwrite its target
+    targets = {name: tmp_path / f"precious-{name}" for name in ("metrics.json", "demo.png", "checkpoint.pt")}
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, target in targets.items():
+        target.write_text("keep me")
+        (out / name).symlink_to(target)
+    assert run_demo(out, "--steps", "2", "--overwrite") == 0  # a checkpoint, even a planted one, needs it
+    for name, target in targets.items():
+        assert target.read_text() == "keep me" and not (out / name).is_symlink(), name
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "demo.png", "metrics.json"]
+
+
+def test_unusable_checkpoint_is_refused_with_one_line(tmp_path, capsys):
+    # issue 14: OSError, EOFError, UnpicklingError or KeyError before
+    assert run_demo(tmp_path, "--steps", "2") == 0
+    path = tmp_path / "checkpoint.pt"
+    good = path.read_bytes()
+    for data in (b"", good[: len(good) // 2], os.urandom(len(good)), good[:-1] + bytes([good[-1] ^ 1])):
+        path.write_bytes(data)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            run_demo(tmp_path, "--steps", "4", "--resume")
+        assert info.value.code == 2
+        line = error_line(capsys)
+        assert f"argument --resume: cannot read checkpoint {path}: " in line
+        assert line.endswith("it was not written by this program or is damaged")
+    save_checkpoint({"step": 2}, path)  # sound, but not a trainer's
+    with pytest.raises(SystemExit):
+        run_demo(tmp_path, "--steps", "4", "--resume")
+    assert "it has no 'model' entry" in error_line(capsys)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_before_training(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").mkdir()
+    with pytest.raises(SystemExit) as info:
+        run_demo(tmp_path, "--steps", "2", "--overwrite")
+    assert info.value.code == 2
+    line = error_line(capsys)
+    assert f"argument --out: cannot write {tmp_path / 'checkpoint.pt'}: it is a directory" in line
+
+
 # --- runs --------------------------------------------------------------------------------------
 
 
@@ -89,11 +216,11 @@ def test_smoke_run_writes_picture_metrics_and_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out NLL (300 samples; dopri5, exact trace" in out and "true density's NLL" in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and metrics["dataset"] == "checkerboard"
+    assert metrics["steps"] == 3 and metrics["dataset"] == "checkerboard" and metrics["failure"] is None
     assert math.isfinite(metrics["held_out_nll"]) and metrics["true_nll"] == pytest.approx(math.log(32))
     assert [e["step"] for e in metrics["eval_history"]] == [2]
     assert all(math.isfinite(v) for v in (metrics["final_train_loss"], metrics["wall_seconds"]))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state = checkpoint_of(tmp_path)
     assert state["step"] == 3 and state["config"]["hidden"] == [8, 8]
     image = matplotlib.image.imread(tmp_path / "demo.png")
     assert image.ndim == 3 and image.shape[1] > image.shape[0]  # four panels side by side
@@ -105,12 +232,11 @@ def test_resumed_demo_matches_the_uninterrupted_one(tmp_path):
     assert run_demo(whole, "--steps", "4") == 0
     assert run_demo(part, "--steps", "2") == 0
     assert run_demo(part, "--steps", "4", "--resume") == 0
-    a = torch.load(whole / "checkpoint.pt", weights_only=True)
-    b = torch.load(part / "checkpoint.pt", weights_only=True)
+    a, b = checkpoint_of(whole), checkpoint_of(part)
     assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-6)
-    for name, value in a["flow"].items():
+    for name, value in a["model"].items():
         if isinstance(value, torch.Tensor):
-            assert torch.allclose(value, b["flow"][name], atol=1e-6), name
+            assert torch.allclose(value, b["model"][name], atol=1e-6), name
     metrics = json.loads((part / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["steps_this_run"] == 2
 
@@ -121,16 +247,40 @@ def test_flow_matching_objective_and_non_closed_form_dataset(tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["objective"] == "flow_matching" and metrics["true_nll"] is None
     assert math.isfinite(metrics["held_out_nll"]) and metrics["train_nfe"] == 0
+    assert metrics["config"]["path"] == "ot" and metrics["config"]["coupling"] == "independent"
+
+
+def test_the_flow_matching_recipe_runs_through_the_demo(tmp_path, monkeypatch):
+    # issue 15: the README's recipe (silu, cosine path, cosine schedule, weight average)
+    fits, fit = [], Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, steps: fits.append(self) or fit(self, steps))
+    recipe = ["--objective", "flow_matching", "--hidden", "8,8,8,8", "--activation", "silu", "--path", "cosine",
+              "--coupling", "minibatch_ot", "--schedule", "cosine", "--ema", "0.9", "--lr", "0.02"]  # fmt: skip
+    assert run_demo(tmp_path, "--steps", "3", *recipe) == 0
+    (trainer,) = fits
+    assert trainer.objective.path == "cosine" and trainer.objective.coupling == "minibatch_ot"
+    assert trainer.ema == 0.9 and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * 0.25)
+    assert trainer.model.vector_field.activation == "silu"
+    config = json.loads((tmp_path / "metrics.json").read_text())["config"]
+    assert {k: config[k] for k in ("path", "coupling", "schedule", "ema", "activation")} == {
+        "path": "cosine", "coupling": "minibatch_ot", "schedule": "cosine", "ema": 0.9, "activation": "silu"}
 
 
 @pytest.mark.parametrize("objective, low, high", [("mle", 0.0, 0.5), ("flow_matching", 5.0, 20.0)])
 def test_flow_matching_starts_with_steep_time_gates(objective, low, high):
-    from pyro_cnf.demo import _flows, build_parser
-
     torch.manual_seed(0)
-    flow, eval_flow = _flows(build_parser().parse_args(["--objective", objective]))
-    assert eval_flow.vector_field is flow.vector_field
+    flow = demo._flow(build_parser().parse_args(["--objective", objective]))
     assert low < flow.vector_field.time_gate.detach().std().item() < high
+    assert demo.exact_flow(flow, 1e-6).vector_field is flow.vector_field
+
+
+def test_help_names_the_solvers_that_run_and_what_an_existing_out_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "dopri5, euler, midpoint, rk4 run on pyro_cnf's own Runge-Kutta solver, the others on torchdiffeq" in text
+    assert "without --resume or --overwrite a run refuses to start when that checkpoint exists" in text
+    assert "locked for the whole run" in text and "exit status: 0: done; 1: training stopped" in text
 
 
 @pytest.mark.parametrize(
@@ -149,6 +299,38 @@ def test_training_failures_end_with_a_message_not_a_traceback(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / ".lock").exists()  # the lock goes with the run
+
+
+def test_a_failed_evaluation_is_recorded_in_metrics_and_exits_3(tmp_path, capsys, monkeypatch):
+    # issue 14: with --on-solver-error skip the NLL printed as nan, then plotting raised a
+    # SolverError traceback, exit 1, no metrics.json. The evaluator's solver gives up here:
+    # (a first step of 1e-3: a field this young would otherwise be solved in one step)
+    options = {"max_num_steps": 1, "first_step": 1e-3}
+    monkeypatch.setattr(demo, "exact_flow", lambda flow, tol: ContinuousFlow(flow.vector_field, options=options))
+    assert run_demo(tmp_path, "--steps", "2", "--eval-every", "0", "--on-solver-error", "skip") == 3
+    err = capsys.readouterr().err
+    assert "error: the ODE solver failed evaluating the NLL after step 2" in err and "Traceback" not in err
+    assert f"{tmp_path / 'metrics.json'} records it" in err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["held_out_nll"] is None and metrics["failure"]["stage"] == "evaluation"
+    assert checkpoint_of(tmp_path)["step"] == 2 and not (tmp_path / "demo.png").exists()
+
+
+def test_a_failed_picture_is_recorded_in_metrics_and_exits_3(tmp_path, capsys, monkeypatch):
+    import pyro_cnf.toy.plots
+
+    def fail(*args, **kwargs):
+        raise SolverError("step size underflow while sampling")
+
+    monkeypatch.setattr(pyro_cnf.toy.plots, "plot_flow", fail)
+    assert run_demo(tmp_path, "--steps", "2") == 3
+    err = capsys.readouterr().err
+    assert f"error: drawing {tmp_path / 'demo.png'} failed: step size underflow while sampling" in err
+    assert "Traceback" not in err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert math.isfinite(metrics["held_out_nll"])
+    assert metrics["failure"] == {"stage": "plot", "error": "SolverError: step size underflow while sampling"}
 
 
 # --- plots -------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pyro_cnf import ContinuousFlow, ODENet, distributed
+from pyro_cnf import ContinuousFlow, ODENet
+from pyro_cnf.training import distributed
 from pyro_cnf.demo import main
-from pyro_cnf.train import Trainer, step_seed
+from pyro_cnf.training import Checkpointing, FlowMatching, MaximumLikelihood, Trainer, load_checkpoint, step_seed
 
 from .test_demo import FAST
 from tests.fields import QuadraticField
@@ -28,7 +29,7 @@ WORLD = 2
 STEPS = 5
 BATCH = 16  # the global batch: 8 rows a rank
 #: Trainer set-ups compared between two ranks and one process.
-CONFIGS = ("mle", "mle_adjoint", "flow_matching", "rnode", "skip")
+CONFIGS = ("mle", "mle_adjoint", "flow_matching", "fm_recipe", "rnode", "skip")
 #: A hang in a collective must fail the test, not stall the suite.
 TIMEOUT = 240
 
@@ -56,10 +57,15 @@ def make_trainer(name, checkpoint=None):
         return Trainer(flow, blowing_up_on_rank_1, lr=1e-2, on_solver_error="skip", disable=True)
     kw = {"mle_adjoint": {"adjoint": True}, "rnode": {"regularize": True, "trace": "hutchinson"}}.get(name, {})
     flow = ContinuousFlow(ODENet(2, (8, 8), zero_init=False), method="rk4", steps=2, **kw)
-    penalty = {"lambda_kinetic": 0.1, "lambda_jacobian": 0.1} if name == "rnode" else {}
-    objective = "flow_matching" if name == "flow_matching" else "mle"
-    return Trainer(flow, batches, objective=objective, lr=1e-2, checkpoint=checkpoint, checkpoint_every=2,
-                   disable=True, **penalty)  # fmt: skip
+    options = {
+        "rnode": {"objective": MaximumLikelihood(lambda_kinetic=0.1, lambda_jacobian=0.1)},
+        "flow_matching": {"objective": FlowMatching()},
+        # minibatch OT pairs the global batch before it is sliced over the ranks
+        "fm_recipe": {"objective": FlowMatching(path="cosine", coupling="minibatch_ot"), "schedule": "cosine",
+                      "ema": 0.5},
+    }.get(name, {})
+    checkpoint = None if checkpoint is None else Checkpointing(checkpoint, every=2)
+    return Trainer(flow, batches, lr=1e-2, checkpoint=checkpoint, disable=True, **options)
 
 
 def flat(module):
@@ -68,8 +74,8 @@ def flat(module):
 
 def run(trainer, steps=STEPS):
     trainer.fit(steps)
-    return {"params": flat(trainer.flow), "history": trainer.history, "skipped": trainer.skipped,
-            "eval": trainer.evaluate(EVAL)}  # fmt: skip
+    return {"params": flat(trainer.model), "averaged": flat(trainer.eval_model), "history": trainer.history,
+            "skipped": trainer.skipped, "eval": trainer.evaluate(EVAL)}  # fmt: skip
 
 
 def rank_main(rank, port, out):
@@ -87,12 +93,23 @@ def rank_main(rank, port, out):
         for name in CONFIGS:
             checkpoint = out / "mle.pt" if name == "mle" else None
             results[name] = run(make_trainer(name, checkpoint))
-        with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.suppress(SystemExit):
-            main([*FAST, "--batch-size", "33", "--out", str(out / "odd")])
-        results["odd_batch"] = err.getvalue().strip().splitlines()[-1]
+        results["odd_batch"] = demo_error([*FAST, "--batch-size", "33", "--out", str(out / "odd")])
+        # issue 14: ranks started with different settings used to train silently, or fail late
+        results["other_seed"] = demo_error([*FAST, "--seed", str(rank), "--out", str(out / "seeds")])
+        results["other_steps"] = demo_error([*FAST, "--steps", str(3 + rank), "--out", str(out / "steps")])
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         distributed.teardown()
+
+
+def demo_error(argv):
+    """The demo's exit status and the last line of its error output."""
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            status = main(argv)
+        except SystemExit as exit:
+            status = exit.code
+    return status, err.getvalue().strip().splitlines()[-1]
 
 
 def free_port():
@@ -143,11 +160,21 @@ def test_setup_joins_a_gloo_group_on_cpu(ranks):
 def test_demo_refuses_a_batch_that_does_not_split_over_the_ranks(ranks):
     out, results = ranks
     for r in results:
-        assert r["odd_batch"].endswith("error: argument --batch-size: 33 is not a multiple of the 2 processes")
+        assert r["odd_batch"][0] == 2
+        assert r["odd_batch"][1].endswith("error: argument --batch-size: 33 is not a multiple of the 2 processes")
     assert not (out / "odd").exists()
 
 
-@pytest.mark.parametrize("name", ["mle", "mle_adjoint", "flow_matching", "skip"])
+def test_demo_refuses_ranks_started_with_different_settings(ranks):
+    out, results = ranks
+    for r in results:  # every rank stops, naming the first difference
+        assert r["other_seed"] == (2, "python -m pyro_cnf.demo: error: argument --seed: 1 on rank 1, 0 on rank 0; "
+                                   "start every rank with the same settings")  # fmt: skip
+        assert r["other_steps"][0] == 2 and "argument --steps: 4 on rank 1, 3 on rank 0" in r["other_steps"][1]
+    assert not (out / "seeds").exists() and not (out / "steps").exists()
+
+
+@pytest.mark.parametrize("name", ["mle", "mle_adjoint", "flow_matching", "fm_recipe", "skip"])
 def test_two_ranks_take_the_steps_of_one_process(ranks, one_process, name):
     _, results = ranks
     rank0, rank1 = (r[name] for r in results)
@@ -155,11 +182,12 @@ def test_two_ranks_take_the_steps_of_one_process(ranks, one_process, name):
     assert rank0["history"] == rank1["history"] and rank0["eval"] == rank1["eval"]  # reduced metrics
     one = one_process[name]
     assert torch.allclose(rank0["params"], one["params"], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(rank0["averaged"], one["averaged"], rtol=1e-5, atol=1e-6)
     assert rank0["history"] == [pytest.approx(h, rel=1e-5) for h in one["history"]]
     assert rank0["eval"] == pytest.approx(one["eval"], rel=1e-6)  # rows split 6 / 5 over the ranks
     if name == "skip":  # the solve failed on rank 1 only, and both ranks dropped the batch
         assert rank0["skipped"] == rank1["skipped"] == one["skipped"] == 1
-        assert rank0["history"][2] == {"step": 2.0, "skipped": 1.0}
+        assert rank0["history"][2] == {"step": 2, "skipped": 1.0}
 
 
 def test_probes_differ_between_ranks_while_the_shared_stream_stays_in_lockstep(ranks):
@@ -175,11 +203,11 @@ def test_probes_differ_between_ranks_while_the_shared_stream_stays_in_lockstep(r
 def test_rank_0_alone_writes_a_checkpoint_that_resumes_in_one_process(ranks, tmp_path):
     out, _ = ranks
     assert sorted(p.name for p in out.iterdir()) == ["mle.pt", "rank0.pt", "rank1.pt"]  # no temporary file
-    state = torch.load(out / "mle.pt", weights_only=True)
+    state = load_checkpoint(out / "mle.pt", Trainer.STATE_KEYS)
     assert state["step"] == STEPS and len(state["history"]) == STEPS
     resumed = make_trainer("mle", checkpoint=out / "mle.pt")
     assert resumed.resume() and resumed.step == STEPS
-    resumed.checkpoint = tmp_path / "resumed.pt"
+    resumed.checkpoint = Checkpointing(tmp_path / "resumed.pt")
     more = run(resumed, STEPS + 3)
     whole = run(make_trainer("mle"), STEPS + 3)  # one process all along
     assert torch.allclose(more["params"], whole["params"], rtol=1e-5, atol=1e-6)
@@ -214,13 +242,12 @@ def test_demo_under_torchrun_matches_one_process_and_resumes_in_one(tmp_path):
     assert stdout.count("held-out NLL") == 1  # rank 0 reports
     assert sorted(p.name for p in ddp.iterdir()) == ["checkpoint.pt", "demo.png", "metrics.json"]
     assert main([*FAST, "--steps", "4", "--out", str(one)]) == 0
-    a = torch.load(ddp / "checkpoint.pt", weights_only=True)
-    b = torch.load(one / "checkpoint.pt", weights_only=True)
+    a, b = (load_checkpoint(d / "checkpoint.pt", Trainer.STATE_KEYS) for d in (ddp, one))
     assert a["step"] == b["step"] == 4
     assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-5)
-    for name, value in b["flow"].items():
+    for name, value in b["model"].items():
         if isinstance(value, torch.Tensor):
-            assert torch.allclose(a["flow"][name], value, rtol=1e-5, atol=1e-6), name
+            assert torch.allclose(a["model"][name], value, rtol=1e-5, atol=1e-6), name
     metrics = json.loads((ddp / "metrics.json").read_text())
     assert metrics["held_out_nll"] == pytest.approx(json.loads((one / "metrics.json").read_text())["held_out_nll"],
                                                     abs=1e-4)  # fmt: skip
@@ -229,6 +256,5 @@ def test_demo_under_torchrun_matches_one_process_and_resumes_in_one(tmp_path):
     (resumed / "checkpoint.pt").write_bytes((ddp / "checkpoint.pt").read_bytes())
     assert main([*FAST, "--steps", "6", "--out", str(resumed), "--resume"]) == 0
     assert main([*FAST, "--steps", "6", "--out", str(one), "--resume"]) == 0
-    c = torch.load(resumed / "checkpoint.pt", weights_only=True)
-    d = torch.load(one / "checkpoint.pt", weights_only=True)
+    c, d = (load_checkpoint(d / "checkpoint.pt", Trainer.STATE_KEYS) for d in (resumed, one))
     assert [h["loss"] for h in c["history"]] == pytest.approx([h["loss"] for h in d["history"]], rel=1e-5)

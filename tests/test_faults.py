@@ -1,5 +1,6 @@
 """Faults survived: a training process killed outright (SIGKILL: no handler, no cleanup)
-leaves a checkpoint that loads, and the run resumed from it repeats the uninterrupted run."""
+leaves a checkpoint that loads and a lock that does not block, and the run resumed from it
+repeats the uninterrupted run."""
 
 import os
 import signal
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from pyro_cnf.demo import main
+from pyro_cnf.training import Trainer, load_checkpoint
 
 from .test_demo import FAST
 
@@ -22,9 +24,14 @@ KILL_AFTER = 3
 TIMEOUT = 240
 
 
+def load(checkpoint):
+    return load_checkpoint(checkpoint, Trainer.STATE_KEYS)
+
+
 def saved_step(checkpoint):
-    # os.replace swaps whole files: a reader sees the old checkpoint or the new one
-    return torch.load(checkpoint, weights_only=True)["step"] if checkpoint.exists() else 0
+    # os.replace swaps whole files: a reader sees the old checkpoint or the new one, whose
+    # checksum then holds
+    return load(checkpoint)["step"] if checkpoint.exists() else 0
 
 
 def kill_mid_run(out):
@@ -55,23 +62,23 @@ def test_run_killed_mid_training_resumes_as_if_never_stopped(tmp_path, capsys):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     assert kill_mid_run(killed) == -signal.SIGKILL
     # the checkpoint loads whatever the kill interrupted, and its parts agree on the step
-    state = torch.load(killed / "checkpoint.pt", weights_only=True)
+    state = load(killed / "checkpoint.pt")
     step = state["step"]
     assert step >= KILL_AFTER and [h["step"] for h in state["history"]] == list(range(step))
     assert state["optimizer"]["state"][0]["step"] == step  # Adam's own count
     assert not (killed / "metrics.json").exists()  # killed while training
+    assert (killed / ".lock").exists()  # left behind; the kernel released the lock itself
 
     end = step + 3
     capsys.readouterr()
     assert main([*ARGS, "--steps", str(end), "--out", str(killed), "--resume"]) == 0
     assert f"resumed from {killed / 'checkpoint.pt'} at step {step}" in capsys.readouterr().out
     assert main([*ARGS, "--steps", str(end), "--out", str(whole)]) == 0
-    resumed = torch.load(killed / "checkpoint.pt", weights_only=True)
-    uninterrupted = torch.load(whole / "checkpoint.pt", weights_only=True)
+    resumed, uninterrupted = load(killed / "checkpoint.pt"), load(whole / "checkpoint.pt")
     assert resumed["step"] == uninterrupted["step"] == end
     # before the kill (the killed process's own steps) and after it (this process's)
     losses = [h["loss"] for h in resumed["history"]]
     assert losses == pytest.approx([h["loss"] for h in uninterrupted["history"]], rel=1e-5)
-    for name, value in uninterrupted["flow"].items():
+    for name, value in uninterrupted["model"].items():
         if isinstance(value, torch.Tensor):
-            assert torch.allclose(resumed["flow"][name], value, rtol=1e-5, atol=1e-6), name
+            assert torch.allclose(resumed["model"][name], value, rtol=1e-5, atol=1e-6), name

@@ -1,103 +1,32 @@
-"""Training helpers: the shared loops, and the resumable, checkpointed trainer."""
+"""Training: the helpers, the objectives, and the one resumable, checkpointed Trainer."""
 
 import math
-import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from torch import nn
 
-from pyro_cnf import ContinuousFlow, ODENet
-from pyro_cnf.train import fit_density, nll, progress_loop
-from tests.fields import QuadraticField
-
-
-def standard_normal_flow_log_prob(flow):
-    def log_prob(x, context=None):
-        z, ladj = flow(x, context)
-        return torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) + ladj
-
-    return log_prob
-
-
-# --- progress_loop, nll, fit_density ---------------------------------------------------------
-
-
-def test_progress_loop_runs_start_to_steps_and_returns_metrics():
-    seen = []
-    history = progress_loop(lambda i: seen.append(i) or {"i": i, "half": i / 2}, 7, start=3, disable=True)
-    assert seen == [3, 4, 5, 6]
-    assert history == [{"i": float(i), "half": i / 2} for i in seen]
-    assert progress_loop(lambda i: {}, 3, start=3, disable=True) == []
-    with pytest.raises(ValueError, match="steps must be >= start"):
-        progress_loop(lambda i: {}, 2, start=3)
-
-
-def test_nll_matches_manual_computation_in_any_batching():
-    scale = torch.tensor([0.5, 2.0], dtype=torch.float64)
-    normal = torch.distributions.Normal(torch.zeros(2, dtype=torch.float64), scale)
-    data = torch.randn(103, 2, dtype=torch.float64) * scale
-    manual = -normal.log_prob(data).sum(-1).mean().item()
-    for batch_size in (1, 10, 103, 4096):
-        assert nll(lambda x, c: normal.log_prob(x).sum(-1), data, batch_size=batch_size) == pytest.approx(manual, abs=1e-12)
-
-
-def test_nll_passes_context_row_by_row():
-    data, context = torch.zeros(5, 1), torch.arange(5.0).unsqueeze(-1)
-    # log p(x | c) = -c: the NLL is the mean context
-    assert nll(lambda x, c: -c.squeeze(-1), data, context, batch_size=2) == pytest.approx(2.0)
-
-
-def test_fit_density_decreases_nll_of_a_cnf():
-    torch.manual_seed(0)
-    data = torch.randn(512, 2) * torch.tensor([0.5, 1.5]) + torch.tensor([2.0, -1.0])
-    flow = ContinuousFlow(ODENet(2, (16, 16)), method="rk4", steps=2)
-    log_prob = standard_normal_flow_log_prob(flow)
-    before = nll(log_prob, data)
-    history = fit_density(log_prob, flow.parameters(), data, steps=40, batch_size=64, lr=3e-2, desc="")
-    after = nll(log_prob, data)
-    assert len(history) == 40 and set(history[0]) == {"loss", "nll"}
-    # the exact NLL of the data-generating Gaussian bounds what a model can reach
-    entropy = 0.5 * 2 * math.log(2 * math.pi * math.e) + math.log(0.5 * 1.5)
-    assert after < before - 1.0 and after > entropy - 0.1
-
-
-def test_fit_density_adds_the_penalty_and_seeds_its_minibatches():
-    data = torch.randn(64, 1)
-
-    def run(seed):
-        mu = torch.nn.Parameter(torch.zeros(1))
-        seen = []
-
-        def log_prob(x, c):
-            seen.append(x.clone())
-            return -(x - mu).pow(2).sum(-1)
-
-        history = fit_density(log_prob, [mu], data, steps=3, batch_size=8, seed=seed, desc="",
-                              penalty=lambda: mu.pow(2).sum() + 1.0)
-        return seen, history
-
-    a, history = run(0)
-    b, _ = run(0)
-    c, _ = run(1)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not torch.equal(a[0], c[0])
-    assert history[0]["loss"] == pytest.approx(history[0]["nll"] + history[0]["penalty"])
-    assert history[0]["penalty"] == pytest.approx(1.0)  # mu = 0 at the first step
-
-
-def test_fit_density_bad_input():
-    mu = torch.nn.Parameter(torch.zeros(1))
-    with pytest.raises(ValueError, match=r"shape \(N >= 1, d\)"):
-        fit_density(lambda x, c: x.sum(-1), [mu], torch.zeros(3), steps=1)
-    with pytest.raises(ValueError, match="one row per data row"):
-        fit_density(lambda x, c: x.sum(-1), [mu], torch.zeros(3, 1), context=torch.zeros(2, 1), steps=1)
-
-
-# --- Trainer -----------------------------------------------------------------------------------
-
-
-from pyro_cnf import SolverError  # noqa: E402
-from pyro_cnf.train import Trainer, TrainingError, save_atomic, step_seed  # noqa: E402
+from pyro_cnf import ContinuousFlow, ODENet, SolverError
+from pyro_cnf.flow_matching import flow_matching_loss
+from pyro_cnf.training import (
+    CheckpointError,
+    Checkpointing,
+    Evaluation,
+    FlowMatching,
+    MaximumLikelihood,
+    Trainer,
+    TrainingError,
+    check_rows,
+    cosine_decay,
+    load_checkpoint,
+    nll,
+    progress_loop,
+    step_seed,
+)
+from tests.fields import NoDivergence, QuadraticField
 
 
 def small_flow(seed=0, **kw):
@@ -116,12 +45,68 @@ def flat(module):
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
 
-def test_flow_log_prob_is_the_change_of_variables():
-    flow = small_flow(method="dopri5", steps=None, rtol=1e-7, atol=1e-7).double()
-    x = torch.randn(5, 2, dtype=torch.float64)
-    z, ladj = flow(x)
-    manual = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) + ladj
-    assert torch.allclose(flow.log_prob(x), manual, atol=1e-12)
+class ConditionalGaussian(nn.Module):
+    """p(x | c) = N(x; W c + b, diag(exp(2 s))): not a flow, trained through log_prob(x, c)."""
+
+    def __init__(self, d=2, c=1):
+        super().__init__()
+        self.mean = nn.Linear(c, d)
+        self.log_scale = nn.Parameter(torch.zeros(d))
+
+    def log_prob(self, x, context):
+        return torch.distributions.Normal(self.mean(context), self.log_scale.exp()).log_prob(x).sum(-1)
+
+
+def test_import_pyro_cnf_leaves_training_and_the_toy_layer_alone():
+    # issue 15: the layers above the core load only when asked for
+    code = "import sys, pyro_cnf; print(sorted(m for m in sys.modules if m.startswith(('pyro_cnf', 'matplotlib'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pyro_cnf.training" not in loaded and "pyro_cnf.toy" not in loaded and "matplotlib" not in loaded
+
+
+# --- progress_loop, nll, step_seed, check_rows ---------------------------------------------------
+
+
+def test_progress_loop_runs_start_to_steps_and_returns_metrics():
+    seen = []
+    history = progress_loop(lambda i: seen.append(i) or {"i": i, "half": i / 2}, 7, start=3, disable=True)
+    assert seen == [3, 4, 5, 6]
+    assert history == [{"i": float(i), "half": i / 2} for i in seen]
+    assert progress_loop(lambda i: {}, 3, start=3, disable=True) == []
+    with pytest.raises(ValueError, match="steps must be >= start"):
+        progress_loop(lambda i: {}, 2, start=3)
+
+
+def test_progress_loop_stops_when_the_step_returns_none():
+    assert len(progress_loop(lambda i: None if i == 5 else {"i": i}, None, start=2, disable=True)) == 3
+
+
+def test_nll_matches_manual_computation_in_any_batching():
+    scale = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    normal = torch.distributions.Normal(torch.zeros(2, dtype=torch.float64), scale)
+    data = torch.randn(103, 2, dtype=torch.float64) * scale
+    manual = -normal.log_prob(data).sum(-1).mean().item()
+    for batch_size in (1, 10, 103, 4096):
+        value = nll(lambda x: normal.log_prob(x).sum(-1), data, batch_size=batch_size)
+        assert value == pytest.approx(manual, abs=1e-12)
+
+
+def test_nll_passes_context_row_by_row():
+    data, context = torch.zeros(5, 1), torch.arange(5.0).unsqueeze(-1)
+    # log p(x | c) = -c: the NLL is the mean context
+    assert nll(lambda x, c: -c.squeeze(-1), data, context, batch_size=2) == pytest.approx(2.0)
+
+
+def test_nll_is_exact_and_repeatable_in_training_mode():
+    # Issue 14: a field without a closed-form trace at d > AUTO_EXACT_MAX_DIM trains with
+    # Hutchinson; nll() of the flow left in train mode must still be the exact, fixed number.
+    torch.manual_seed(0)
+    flow = ContinuousFlow(NoDivergence(ODENet(8, (16,), zero_init=False)), rtol=1e-6, atol=1e-6)
+    data = torch.randn(20, 8)
+    first, second = nll(flow, data), nll(flow, data)
+    assert first == second and flow.training
+    exact = ContinuousFlow(flow.vector_field, trace="exact", rtol=1e-6, atol=1e-6)
+    assert first == pytest.approx(nll(exact, data), abs=1e-6)
 
 
 def test_step_seed_streams_are_distinct_and_fixed():
@@ -131,16 +116,136 @@ def test_step_seed_streams_are_distinct_and_fixed():
 
 
 @pytest.mark.parametrize(
-    "objective, kw",
-    [("mle", {}), ("mle", {"regularize": True}), ("flow_matching", {})],
+    "x, context, message",
+    [
+        (torch.zeros(3), None, r"data must be a tensor of shape \(N >= 1, d\), got \(3,\)"),
+        (torch.zeros(0, 2), None, r"shape \(N >= 1, d\), got \(0, 2\)"),
+        ([[1.0]], None, r"shape \(N >= 1, d\), got list"),
+        (torch.zeros(3, 1), torch.zeros(2, 1), r"context of data must be a tensor of shape \(3, c\)"),
+    ],
 )
-def test_resumed_run_repeats_the_uninterrupted_run(tmp_path, objective, kw):
-    penalty = {"lambda_kinetic": 0.1, "lambda_jacobian": 0.1} if kw else {}
+def test_the_one_row_check(x, context, message):
+    with pytest.raises(ValueError, match=message):
+        check_rows(x, context)
+    with pytest.raises(ValueError, match=message):
+        nll(lambda x, c=None: x.sum(-1), x, context)
+
+
+# --- objectives ------------------------------------------------------------------------------------
+
+
+def test_maximum_likelihood_trains_any_model_with_log_prob_and_context():
+    # x | c ~ N(2c - 1, 0.3^2): the trainer needs nothing but log_prob(x, context)
+    def batches(step):
+        g = torch.Generator().manual_seed(step_seed(0, step))
+        c = torch.rand(128, 1, generator=g)
+        return 2 * c - 1 + 0.3 * torch.randn(128, 1, generator=g), c
+
+    torch.manual_seed(0)
+    model = ConditionalGaussian(d=1)
+    Trainer(model, batches, lr=5e-2, disable=True).fit(300)
+    assert model.mean.weight.item() == pytest.approx(2.0, abs=0.15)
+    assert model.mean.bias.item() == pytest.approx(-1.0, abs=0.1)
+    assert model.log_scale.exp().item() == pytest.approx(0.3, abs=0.05)
+
+
+def test_maximum_likelihood_trains_an_nflows_flow():
+    from nflows.flows import MaskedAutoregressiveFlow
+
+    torch.manual_seed(0)
+    maf = MaskedAutoregressiveFlow(features=2, hidden_features=8, num_layers=1, num_blocks_per_layer=1)
+    trainer = Trainer(maf, gaussian_batches, lr=1e-2, disable=True)
+    history = trainer.fit(30)
+    assert set(history[0]) == {"loss", "nll"} and history[-1]["loss"] < history[0]["loss"] - 0.5
+
+
+def test_maximum_likelihood_of_a_flow_reports_nfe_and_rnode_penalties():
+    objective = MaximumLikelihood(lambda_kinetic=0.1, lambda_jacobian=0.2)
+    flow = small_flow(regularize=True)
+    x = gaussian_batches(0)
+    loss, metrics = objective.loss(flow, x, None)
+    assert list(metrics) == ["loss", "nll", "nfe", "kinetic", "jacobian"] and metrics["nfe"] == 8  # rk4, 2 steps
+    assert loss.item() == pytest.approx((metrics["nll"] + 0.1 * metrics["kinetic"] + 0.2 * metrics["jacobian"]).item())
+    assert metrics["nll"].item() == pytest.approx(-flow.log_prob(x).mean().item(), rel=1e-5)
+
+
+def test_objectives_check_their_settings_and_models():
+    with pytest.raises(ValueError, match="lambda_kinetic must be a finite number >= 0"):
+        MaximumLikelihood(lambda_kinetic=-1.0)
+    with pytest.raises(ValueError, match="regularize=True, got regularize=False"):
+        MaximumLikelihood(lambda_jacobian=0.1).metrics(small_flow())
+    with pytest.raises(TypeError, match="needs a model with log_prob"):
+        MaximumLikelihood().metrics(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="path must be one of"):
+        FlowMatching(path="straight")
+    with pytest.raises(ValueError, match="coupling must be one of"):
+        FlowMatching(coupling="sinkhorn")
+    with pytest.raises(ValueError, match="sigma_min must be in"):
+        FlowMatching(sigma_min=1.0)
+    with pytest.raises(ValueError, match="t_power must be"):
+        FlowMatching(t_power=0)
+    with pytest.raises(TypeError, match="vector field of a ContinuousFlow"):
+        FlowMatching().metrics(ConditionalGaussian())
+
+
+def test_maximum_likelihood_refuses_a_log_prob_of_the_wrong_shape():
+    class Wrong(ConditionalGaussian):
+        def log_prob(self, x):
+            return super().log_prob(x, torch.zeros(len(x), 1)).unsqueeze(-1)
+
+    with pytest.raises(ValueError, match=r"Wrong.log_prob returned \(32, 1\) for 32 rows; expected \(32,\)"):
+        Trainer(Wrong(), gaussian_batches, disable=True).fit(1)
+
+
+@pytest.mark.parametrize("path", ["ot", "cosine"])
+@pytest.mark.parametrize("coupling", ["independent", "minibatch_ot"])
+def test_flow_matching_is_flow_matching_loss_with_its_options(path, coupling):
+    flow = small_flow(T=2.0)
+    x = gaussian_batches(0)
+    objective = FlowMatching(path=path, coupling=coupling, sigma_min=0.01)
+    torch.manual_seed(3)
+    loss, _ = objective.loss(flow, *objective.draw(flow, x, None))
+    torch.manual_seed(3)  # the same draws, in the same order
+    expected = flow_matching_loss(flow.vector_field, x, path=path, coupling=coupling, sigma_min=0.01, T=2.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_flow_matching_t_power_puts_the_times_near_the_data():
+    flow = small_flow(T=2.0)
+    torch.manual_seed(0)
+    _, _, t, _ = FlowMatching(t_power=3.0).draw(flow, torch.zeros(5, 2), None)
+    torch.manual_seed(0)
+    assert torch.equal(t, 2.0 * torch.rand(5, 1).pow(3.0))
+
+
+# --- Trainer -----------------------------------------------------------------------------------
+
+
+def test_flow_log_prob_is_the_change_of_variables():
+    flow = small_flow(method="dopri5", steps=None, rtol=1e-7, atol=1e-7).double()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    z, ladj = flow(x)
+    manual = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) + ladj
+    assert torch.allclose(flow.log_prob(x), manual, atol=1e-12)
+
+
+RESUMABLE = {
+    "mle": ({}, {}),
+    "rnode": ({"regularize": True}, {"objective": MaximumLikelihood(0.1, 0.1)}),
+    "flow_matching": ({}, {"objective": FlowMatching()}),
+    # the recipe's options: cosine path, minibatch OT, cosine schedule, weight average
+    "fm_recipe": ({}, {"objective": FlowMatching(path="cosine", coupling="minibatch_ot"), "schedule": "cosine",
+                       "ema": 0.9}),
+}
+
+
+@pytest.mark.parametrize("name", RESUMABLE)
+def test_resumed_run_repeats_the_uninterrupted_run(tmp_path, name):
+    flow_kw, trainer_kw = RESUMABLE[name]
 
     def trainer(path, seed, batches=gaussian_batches):
-        flow = small_flow(seed, **kw)
-        return Trainer(flow, batches, objective=objective, lr=1e-2, checkpoint=path, checkpoint_every=4,
-                       disable=True, **penalty)
+        return Trainer(small_flow(seed, **flow_kw), batches, lr=1e-2, checkpoint=Checkpointing(path, every=4),
+                       disable=True, **trainer_kw)  # fmt: skip
 
     whole = trainer(tmp_path / "whole.pt", seed=0)
     whole.fit(12)
@@ -161,57 +266,111 @@ def test_resumed_run_repeats_the_uninterrupted_run(tmp_path, objective, kw):
     # the probes of the RNODE penalty and flow matching's (t, noise) are random: the
     # checkpointed torch state makes them repeat as well
     assert [h["loss"] for h in second.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-6)
-    assert torch.allclose(flat(second.flow), flat(whole.flow), atol=1e-6)
+    assert torch.allclose(flat(second.model), flat(whole.model), atol=1e-6)
+    assert torch.allclose(flat(second.eval_model), flat(whole.eval_model), atol=1e-6)
     assert len(second.history) == 12 and [h["step"] for h in second.history] == list(range(12))
 
 
 def test_checkpoint_holds_model_optimizer_step_rng_and_config(tmp_path):
-    trainer = Trainer(small_flow(), gaussian_batches, checkpoint=tmp_path / "c.pt", checkpoint_every=3,
-                      config={"dataset": "gauss", "hidden": [8, 8]}, disable=True)
+    path = tmp_path / "c.pt"
+    checkpoint = Checkpointing(path, every=3, config={"dataset": "gauss", "hidden": [8, 8]})
+    trainer = Trainer(small_flow(), gaussian_batches, ema=0.5, checkpoint=checkpoint, disable=True)
     trainer.fit(5)
-    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state = load_checkpoint(path, Trainer.STATE_KEYS)
     assert state["step"] == 5 and state["config"] == {"dataset": "gauss", "hidden": [8, 8]}
-    assert set(state) >= {"flow", "optimizer", "rng", "history", "skipped"}
     assert torch.equal(state["rng"]["torch"], torch.get_rng_state())
     assert state["optimizer"]["state"][0]["step"] == 5
-    assert list(tmp_path.iterdir()) == [tmp_path / "c.pt"]  # no temporary file left
+    assert state["ema"].keys() == state["model"].keys() and state["cpu_seconds"] == trainer.cpu_seconds > 0
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
-def test_periodic_held_out_nll_is_the_exact_nll(tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    path = tmp_path / "c.pt"
+    Trainer(small_flow(), gaussian_batches, checkpoint=Checkpointing(path), disable=True).fit(1)
+    other = Trainer(ContinuousFlow(ODENet(2, (4,))), gaussian_batches, checkpoint=Checkpointing(path), disable=True)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path}: it does not fit this trainer: .*hidden_dims"):
+        other.resume()
+    averaged = Trainer(small_flow(), gaussian_batches, ema=0.5, checkpoint=Checkpointing(path), disable=True)
+    with pytest.raises(CheckpointError, match=r"the state lacks a weight average \(ema\)"):
+        averaged.resume()
+
+
+def test_periodic_held_out_nll_is_the_exact_nll_of_the_scorer():
     eval_data = gaussian_batches(-1)
     exact = small_flow(method="dopri5", steps=None, rtol=1e-6, atol=1e-6)
-    trainer = Trainer(small_flow(), gaussian_batches, eval_data=eval_data, eval_every=2, disable=True)
-    trainer.eval_flow = ContinuousFlow(trainer.flow.vector_field, rtol=1e-6, atol=1e-6)
+    scorer = lambda flow: ContinuousFlow(flow.vector_field, rtol=1e-6, atol=1e-6)  # noqa: E731
+    trainer = Trainer(small_flow(), gaussian_batches, evaluation=Evaluation(eval_data, every=2, scorer=scorer),
+                      disable=True)  # fmt: skip
     trainer.fit(4)
     assert [("eval_nll" in h) for h in trainer.history] == [False, True, False, True]
-    exact.load_state_dict(trainer.flow.state_dict())
-    assert trainer.history[-1]["eval_nll"] == pytest.approx(nll(lambda x, c: exact.log_prob(x), eval_data), abs=1e-4)
-    assert trainer.flow.training  # evaluation leaves the training mode as it was
+    exact.load_state_dict(trainer.model.state_dict())
+    assert trainer.history[-1]["eval_nll"] == pytest.approx(nll(exact, eval_data), abs=1e-4)
+    assert trainer.evaluate() == trainer.history[-1]["eval_nll"]
+    assert trainer.model.training  # evaluation leaves the training mode as it was
 
 
-def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    save_atomic({"step": 1}, path)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would have made it
-
-    def broken_save(obj, f):
-        f.write(b"partial bytes")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_atomic({"step": 2}, path)
-    monkeypatch.undo()
-    assert torch.load(path)["step"] == 1
-    assert list(tmp_path.iterdir()) == [path]
+def test_evaluate_passes_the_context():
+    model = ConditionalGaussian()
+    data, context = torch.randn(7, 2), torch.randn(7, 1)
+    trainer = Trainer(model, lambda step: (data, context), evaluation=Evaluation(data, context), disable=True)
+    assert trainer.evaluate() == pytest.approx(-model.log_prob(data, context).mean().item(), rel=1e-6)
 
 
-def blowing_up_at(bad_step):
+def test_cosine_schedule_spans_the_steps_and_a_callable_schedule_sees_the_fraction_done():
+    lrs = []
+    record = lambda trainer, metrics: lrs.append(trainer.optimizer.param_groups[0]["lr"])  # noqa: E731
+    Trainer(small_flow(), gaussian_batches, lr=0.1, schedule="cosine", callbacks=[record], disable=True).fit(4)
+    assert lrs == pytest.approx([0.1 * cosine_decay(i / 4) for i in range(4)])
+    seen = []
+    trainer = Trainer(small_flow(), gaussian_batches, schedule=lambda done: seen.append(done) or 1.0, disable=True)
+    trainer.fit(5)
+    assert seen == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+
+
+def test_cpu_budget_ends_training_and_drives_the_schedule():
+    seen = []
+    trainer = Trainer(small_flow(), gaussian_batches, schedule=lambda done: seen.append(done) or 1.0, disable=True)
+    trainer.fit(cpu_seconds=0.2)
+    assert trainer.cpu_seconds >= 0.2 and trainer.step == len(seen) > 1
+    assert seen[0] == 0.0 and seen == sorted(seen) and seen[-1] < 1.0
+
+    # the CPU time counts the steps alone: slow data do not spend the budget
+    def slow(step):
+        deadline = time.process_time() + 0.05
+        while time.process_time() < deadline:
+            pass
+        return gaussian_batches(step)
+
+    trainer = Trainer(small_flow(), slow, disable=True)
+    trainer.fit(cpu_seconds=0.01)
+    assert trainer.step >= 1 and trainer.cpu_seconds < 0.05 * trainer.step
+
+
+def test_a_callback_stops_training_after_its_step(tmp_path):
+    path = tmp_path / "c.pt"
+    stop_at_3 = lambda trainer, metrics: trainer.step == 3  # noqa: E731
+    trainer = Trainer(small_flow(), gaussian_batches, checkpoint=Checkpointing(path, every=100), callbacks=[stop_at_3],
+                      disable=True)  # fmt: skip
+    assert len(trainer.fit(10)) == 3 and trainer.step == 3
+    assert load_checkpoint(path, Trainer.STATE_KEYS)["step"] == 3  # saved at the end, as always
+
+
+def test_ema_is_the_exponential_moving_average_of_the_weights():
+    snapshots = []
+    trainer = Trainer(small_flow(), gaussian_batches, lr=1e-2, ema=0.8,
+                      callbacks=[lambda t, m: snapshots.append(flat(t.model))], disable=True)  # fmt: skip
+    average = flat(trainer.model)
+    trainer.fit(5)
+    for weights in snapshots:
+        average = 0.8 * average + 0.2 * weights
+    assert torch.allclose(flat(trainer.eval_model), average, atol=1e-6)
+    assert not any(p.requires_grad for p in trainer.eval_model.parameters())
+
+
+def blowing_up_at(*bad_steps):
     def batches(step):
         x = 0.1 * gaussian_batches(step)
-        return x + 100.0 if step == bad_step else x
+        return x + 100.0 if step in bad_steps else x
 
     return batches
 
@@ -219,32 +378,52 @@ def blowing_up_at(bad_step):
 def test_solver_error_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     path = tmp_path / "c.pt"
     flow = ContinuousFlow(QuadraticField(), rtol=1e-5, atol=1e-5)
-    trainer = Trainer(flow, blowing_up_at(6), lr=1e-2, checkpoint=path, checkpoint_every=5, disable=True)
+    trainer = Trainer(flow, blowing_up_at(6), lr=1e-2, checkpoint=Checkpointing(path, every=5), disable=True)
     with pytest.raises(TrainingError, match="solver failed at step 6.*checkpoint of step 5") as info:
         trainer.fit(10)
     assert isinstance(info.value.__cause__, SolverError)
     assert info.value.step == 6 and info.value.checkpoint_step == 5
-    state = torch.load(path, weights_only=True)
+    state = load_checkpoint(path, Trainer.STATE_KEYS)
     assert state["step"] == 5 and len(state["history"]) == 5
     assert list(tmp_path.iterdir()) == [path]
 
 
 def test_solver_error_skip_drops_the_batch_and_counts_it(tmp_path):
     flow = ContinuousFlow(QuadraticField(), rtol=1e-5, atol=1e-5)
-    trainer = Trainer(flow, blowing_up_at(3), lr=1e-2, on_solver_error="skip", checkpoint=tmp_path / "c.pt",
-                      disable=True)
     before = {}
 
     def watch(step):
         before[step] = flow.vector_field.w.item()
         return blowing_up_at(3)(step)
 
-    trainer.batches = watch
+    trainer = Trainer(flow, watch, lr=1e-2, on_solver_error="skip", checkpoint=Checkpointing(tmp_path / "c.pt"),
+                      disable=True)  # fmt: skip
     trainer.fit(6)
     assert trainer.step == 6 and trainer.skipped == 1
-    assert trainer.history[3] == {"step": 3.0, "skipped": 1.0}
+    assert trainer.history[3] == {"step": 3, "skipped": 1.0}
     assert before[4] == before[3]  # no update from the dropped batch
-    assert torch.load(tmp_path / "c.pt", weights_only=True)["skipped"] == 1
+    assert load_checkpoint(tmp_path / "c.pt", Trainer.STATE_KEYS)["skipped"] == 1
+
+
+def test_skip_stops_after_skip_limit_failures_in_a_row():
+    # Issue 14: "skip" on a diverging run must not go on forever. Isolated failures are
+    # skipped; skip_limit of them in a row stop training.
+    flow = ContinuousFlow(QuadraticField(), rtol=1e-5, atol=1e-5)
+    trainer = Trainer(flow, blowing_up_at(1, 3, 4, *range(6, 30)), on_solver_error="skip", disable=True)
+    trainer.skip_limit = 3
+    with pytest.raises(TrainingError, match=r"failed at 3 steps in a row, steps 6 to 8 \(the limit of") as info:
+        trainer.fit(30)
+    assert info.value.step == 8 and trainer.skipped == 6 and trainer.step == 8
+
+
+def test_failed_periodic_evaluation_stops_or_is_recorded_as_nan():
+    flow = ContinuousFlow(QuadraticField(), rtol=1e-5, atol=1e-5)
+    evaluation = Evaluation(torch.full((4, 2), 100.0), every=2)
+    with pytest.raises(TrainingError, match="failed evaluating the NLL after step 2"):
+        Trainer(flow, blowing_up_at(), evaluation=evaluation, disable=True).fit(3)
+    trainer = Trainer(flow, blowing_up_at(), evaluation=evaluation, on_solver_error="skip", disable=True)
+    trainer.fit(3)
+    assert math.isnan(trainer.history[1]["eval_nll"]) and trainer.skipped == 0
 
 
 def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path):
@@ -253,34 +432,59 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path):
     def batches(step):  # |z|^2 overflows float32 at step 4
         return torch.full((4, 2), 1e30) if step == 4 else gaussian_batches(step)
 
-    trainer = Trainer(small_flow(), batches, checkpoint=path, checkpoint_every=3, disable=True)
+    trainer = Trainer(small_flow(), batches, checkpoint=Checkpointing(path, every=3), disable=True)
     with pytest.raises(TrainingError, match=r"loss is (inf|nan) at step 4; stopped without saving.*step 3 in") as info:
         trainer.fit(8)
     assert info.value.step == 4 and info.value.checkpoint_step == 3
-    saved = torch.load(path, weights_only=True)
+    saved = load_checkpoint(path, Trainer.STATE_KEYS)
     assert saved["step"] == 3 and len(saved["history"]) == 3
     # the model has moved on by one step since the checkpoint, which still holds step 3
     reloaded = small_flow(seed=5)
-    reloaded.load_state_dict(saved["flow"])
-    assert not torch.equal(flat(reloaded), flat(trainer.flow))
+    reloaded.load_state_dict(saved["model"])
+    assert not torch.equal(flat(reloaded), flat(trainer.model))
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_trainer_bad_settings():
-    with pytest.raises(ValueError, match="objective must be one of"):
-        Trainer(small_flow(), gaussian_batches, objective="elbo")
+def test_trainer_bad_settings(tmp_path):
+    flow = small_flow()
+    with pytest.raises(TypeError, match="objective must be an Objective"):
+        Trainer(flow, gaussian_batches, "flow_matching")
     with pytest.raises(ValueError, match="regularize=True"):
-        Trainer(small_flow(), gaussian_batches, lambda_kinetic=0.1)
+        Trainer(flow, gaussian_batches, MaximumLikelihood(lambda_kinetic=0.1))
     with pytest.raises(ValueError, match="on_solver_error"):
-        Trainer(small_flow(), gaussian_batches, on_solver_error="retry")
-    with pytest.raises(ValueError, match="eval_data"):
-        Trainer(small_flow(), gaussian_batches, eval_every=10)
-    with pytest.raises(TypeError, match="ContinuousFlow"):
-        Trainer(ODENet(2), gaussian_batches)
-    trainer = Trainer(small_flow(), gaussian_batches, disable=True)
+        Trainer(flow, gaussian_batches, on_solver_error="retry")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        Trainer(flow, gaussian_batches, schedule="linear")
+    with pytest.raises(ValueError, match=r"ema must be in \[0, 1\)"):
+        Trainer(flow, gaussian_batches, ema=1.0)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        Trainer(flow, gaussian_batches, lr=float("nan"))
+    with pytest.raises(TypeError, match="torch module with parameters"):
+        Trainer(nn.Identity(), gaussian_batches)
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        Checkpointing(tmp_path / "c.pt", every=0)
+    with pytest.raises(ValueError, match=r"the evaluation data must be a tensor of shape \(N >= 1, d\)"):
+        Evaluation(torch.zeros(0, 2))
+    trainer = Trainer(flow, gaussian_batches, disable=True)
+    with pytest.raises(ValueError, match="fit needs a budget"):
+        trainer.fit()
     trainer.fit(2)
     with pytest.raises(ValueError, match=r"steps \(1\) is below the steps already done \(2\)"):
         trainer.fit(1)
+    with pytest.raises(ValueError, match=r"batches\(0\) must be a tensor of shape \(N >= 1, d\), got \(2,\)"):
+        Trainer(flow, lambda step: torch.zeros(2), disable=True).fit(1)
+    with pytest.raises(ValueError, match=r"or a pair \(x, context\), got 3 items"):
+        Trainer(flow, lambda step: (torch.zeros(2, 2),) * 3, disable=True).fit(1)
+
+
+def test_unwritable_checkpoint_fails_before_the_first_step(tmp_path):
+    # Issue 14: these used to surface only at the first save, after training had started
+    flow = small_flow()
+    with pytest.raises(FileNotFoundError, match="the directory .*missing does not exist"):
+        Trainer(flow, gaussian_batches, checkpoint=Checkpointing(tmp_path / "missing" / "c.pt"))
+    (tmp_path / "dir.pt").mkdir()
+    with pytest.raises(IsADirectoryError, match="dir.pt: it is a directory"):
+        Trainer(flow, gaussian_batches, checkpoint=Checkpointing(tmp_path / "dir.pt"))
 
 
 def test_adjoint_backward_failure_stops_or_skips(tmp_path):
@@ -289,7 +493,7 @@ def test_adjoint_backward_failure_stops_or_skips(tmp_path):
         net = ODENet(2, (8, 8), zero_init=False)
         return ContinuousFlow(net, adjoint=True, rtol=1e-7, atol=1e-7, adjoint_options={"max_num_steps": 2})
 
-    trainer = Trainer(failing_adjoint(), gaussian_batches, checkpoint=tmp_path / "c.pt", disable=True)
+    trainer = Trainer(failing_adjoint(), gaussian_batches, checkpoint=Checkpointing(tmp_path / "c.pt"), disable=True)
     with pytest.raises(TrainingError, match="solver failed at step 0.*adjoint \\(backward\\) solve") as info:
         trainer.fit(2)
     assert isinstance(info.value.__cause__, SolverError)

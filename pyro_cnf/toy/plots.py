@@ -6,7 +6,9 @@ module leaves pyplot's global backend alone.
 
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -15,7 +17,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .flow import ContinuousFlow
+from ..flow import ContinuousFlow
+from ..training.checkpoint import write_atomic
 
 __all__ = ["density_grid", "trajectories", "plot_flow"]
 
@@ -87,7 +90,8 @@ def plot_flow(
         flow: A 2-D flow with a standard normal base at ``t = T``; its solver settings are
             used throughout.
         data: Samples of the target, shape ``(N, 2)``.
-        path: Where to write the picture (PNG by the file's extension), or ``None``.
+        path: Where to write the picture (its format by the file's extension, PNG without
+            one), atomically (:func:`~pyro_cnf.training.checkpoint.write_atomic`), or ``None``.
         lim: The panels show ``[-lim, lim]^2``.
         grid_size: The density's grid is ``grid_size x grid_size``.
         samples, paths: How many model samples and trajectories to draw.
@@ -143,5 +147,7 @@ def plot_flow(
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.95) if title else None)
     if path is not None:
-        fig.savefig(path, dpi=80)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=80)
+        write_atomic(path, buffer.getvalue())
     return fig

@@ -8,7 +8,7 @@ them and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MA
 
 :func:`setup` joins the process group (``gloo`` for a CPU device, ``nccl`` for CUDA) when
 those variables are set and does nothing otherwise, so that the same code runs as one
-plain process. The data scheme of :class:`~pyro_cnf.train.Trainer`: every rank computes
+plain process. The data scheme of :class:`~pyro_cnf.training.Trainer`: every rank computes
 the same global batch of a step (a function of ``(seed, step)`` alone) and trains on its
 own contiguous slice, :func:`shard`; DistributedDataParallel averages the gradients, so
 ``N`` ranks with ``B / N`` rows each take the step one process takes with all ``B`` rows.
@@ -37,6 +37,8 @@ __all__ = [
     "shard",
     "all_reduce_sum",
     "all_reduce_mean",
+    "all_gather_object",
+    "broadcast_object",
     "barrier",
     "rank_random_stream",
 ]
@@ -165,6 +167,35 @@ def all_reduce_mean(values: Tensor) -> Tensor:
         tensor(3.)
     """
     return all_reduce_sum(values) / get_world_size()
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` outside a
+    process group.
+
+    Example:
+        >>> all_gather_object({"seed": 0})
+        [{'seed': 0}]
+    """
+    if not is_distributed():
+        return [obj]
+    gathered: list[object] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself outside a process group.
+
+    Example:
+        >>> broadcast_object("only rank 0 knows")
+        'only rank 0 knows'
+    """
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier() -> None:

@@ -1,0 +1,1 @@
+"""The 2-D toy layer: datasets, pictures, the demo."""

@@ -1,0 +1,67 @@
+"""Training above the core: objectives, the one :class:`Trainer`, checkpoints, data parallelism.
+
+Not imported by ``import pyro_cnf``; import it as ``pyro_cnf.training``.
+
+- :mod:`~pyro_cnf.training.objectives`: :class:`MaximumLikelihood`, :class:`FlowMatching`.
+- :mod:`~pyro_cnf.training.trainer`: :class:`Trainer` with :class:`Checkpointing` and
+  :class:`Evaluation` settings, :func:`nll`, :func:`progress_loop`, :func:`step_seed`.
+- :mod:`~pyro_cnf.training.checkpoint`: atomic writes, verified checkpoints, the run lock.
+- :mod:`~pyro_cnf.training.distributed`: ``torchrun`` set-up and collectives.
+
+Example:
+    >>> from pyro_cnf import ContinuousFlow, ODENet
+    >>> from pyro_cnf.training import FlowMatching, Trainer
+    >>> flow = ContinuousFlow(ODENet(2, (8,)))
+    >>> trainer = Trainer(flow, lambda step: torch.randn(64, 2), FlowMatching(path="cosine"), lr=1e-2,
+    ...                   schedule="cosine", ema=0.9, disable=True)
+    >>> len(trainer.fit(5)), trainer.eval_model is trainer.averaged
+    (5, True)
+"""
+
+from . import distributed
+from .checkpoint import (
+    CheckpointError,
+    RunLock,
+    RunLockedError,
+    load_checkpoint,
+    save_atomic,
+    save_checkpoint,
+    write_atomic,
+)
+from .objectives import FlowMatching, MaximumLikelihood, Objective
+from .trainer import (
+    SCHEDULES,
+    Checkpointing,
+    Evaluation,
+    Trainer,
+    TrainingError,
+    check_rows,
+    cosine_decay,
+    nll,
+    progress_loop,
+    step_seed,
+)
+
+__all__ = [
+    "SCHEDULES",
+    "CheckpointError",
+    "Checkpointing",
+    "Evaluation",
+    "FlowMatching",
+    "MaximumLikelihood",
+    "Objective",
+    "RunLock",
+    "RunLockedError",
+    "Trainer",
+    "TrainingError",
+    "check_rows",
+    "cosine_decay",
+    "distributed",
+    "load_checkpoint",
+    "nll",
+    "progress_loop",
+    "save_atomic",
+    "save_checkpoint",
+    "step_seed",
+    "write_atomic",
+]
