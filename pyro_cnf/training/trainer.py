@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..checks import check_inputs
 from ..flow import SolverError
 from . import distributed
 from .checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint
@@ -35,7 +36,6 @@ from .objectives import MaximumLikelihood, Objective
 
 __all__ = [
     "progress_loop",
-    "check_rows",
     "nll",
     "step_seed",
     "cosine_decay",
@@ -98,23 +98,9 @@ def progress_loop(
     return history
 
 
-def check_rows(x: Any, context: Any = None, name: str = "data") -> tuple[Tensor, Tensor | None]:
-    """Return ``(x, context)`` after checking that ``x`` is a tensor of shape ``(N >= 1, d)``
-    and ``context`` is ``None`` or a tensor with ``N`` rows; ``ValueError`` otherwise.
-
-    Example:
-        >>> check_rows(torch.zeros(3))
-        Traceback (most recent call last):
-        ...
-        ValueError: data must be a tensor of shape (N >= 1, d), got (3,)
-    """
-    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] == 0:
-        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a tensor of shape (N >= 1, d), got {got}")
-    if context is not None and (not isinstance(context, Tensor) or context.dim() != 2 or len(context) != len(x)):
-        got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
-        raise ValueError(f"the context of {name} must be a tensor of shape ({len(x)}, c), one row per row, got {got}")
-    return x, context
+def _rows(x: Any, context: Any = None, name: str = "data") -> tuple[Tensor, Tensor | None]:
+    """``(x, context)`` checked as training data: ``(N >= 1, d)`` rows, one context row each."""
+    return check_inputs(x, context, input_dim=None, context_dim=None, name=name, rows=True)
 
 
 @contextlib.contextmanager
@@ -146,7 +132,7 @@ def nll(
         >>> round(nll(normal, torch.zeros(10, 2), batch_size=3), 4)  # log(2 pi)
         1.8379
     """
-    data, context = check_rows(data, context)
+    data, context = _rows(data, context)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     log_prob = getattr(model, "log_prob", model) if isinstance(model, nn.Module) else model
@@ -247,7 +233,7 @@ class Evaluation:
     batch_size: int = 4096
 
     def __post_init__(self) -> None:
-        check_rows(self.data, self.context, "the evaluation data")
+        _rows(self.data, self.context, "the evaluation data")
         if self.every < 0 or self.batch_size < 1:
             raise ValueError(f"expected every >= 0 and batch_size >= 1, got {self.every}, {self.batch_size}")
 
@@ -465,7 +451,7 @@ class Trainer:
         if isinstance(batch, (tuple, list)) and len(batch) != 2:
             got = f"{len(batch)} items"
             raise ValueError(f"batches({i}) must return a tensor of shape (B, d) or a pair (x, context), got {got}")
-        x, context = check_rows(*(batch if isinstance(batch, (tuple, list)) else (batch, None)), name=f"batches({i})")
+        x, context = _rows(*(batch if isinstance(batch, (tuple, list)) else (batch, None)), name=f"batches({i})")
         parallel = distributed.is_distributed()
         start = time.process_time()
         metrics = self._optimise(i, done, x, context, parallel)
@@ -590,7 +576,7 @@ class Trainer:
             if evaluation is None:
                 raise ValueError("evaluate() needs data, or a trainer built with an Evaluation")
             data, context = evaluation.data, evaluation.context
-        data, context = check_rows(data, context)
+        data, context = _rows(data, context)
         if model is None:
             scorer = None if evaluation is None else evaluation.scorer
             model = self.eval_model if scorer is None else scorer(self.eval_model)
