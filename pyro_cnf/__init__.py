@@ -7,13 +7,14 @@ The core (:class:`ContinuousFlow`, :class:`ODENet`) imports neither; :class:`CNF
 from .flow import AUTO_EXACT_MAX_DIM, ContinuousFlow, SolverError, default_flow
 from .flow_matching import flow_matching_loss
 from .nets import ACTIVATIONS, ODENet
-from .nflows_transform import CNFTransform
+from .nflows_transform import CNFFlow, CNFTransform
 from .pyro_transforms import CNF, ConditionalCNF, ConditionedCNF, cnf, conditional_cnf
 
 __all__ = [
     "ACTIVATIONS",
     "AUTO_EXACT_MAX_DIM",
     "CNF",
+    "CNFFlow",
     "CNFTransform",
     "ConditionalCNF",
     "ConditionedCNF",
