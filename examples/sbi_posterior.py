@@ -149,7 +149,25 @@ def c2st(reference: Tensor, samples: Tensor, seed: int = 0, folds: int = 5) -> f
         return float(np.mean(cross_val_score(clf, data, labels, cv=split, scoring="accuracy")))
 
 
-def train_sbi(make: Callable[[], object], theta: Tensor, x: Tensor, budget: float) -> tuple[object, dict]:
+class NoTracker:
+    """sbi's tracker protocol, recording nothing (its default writes TensorBoard logs to
+    ``./sbi-logs``)."""
+
+    log_dir = None
+
+    def log_metric(self, name, value, step=None) -> None: ...
+
+    def log_metrics(self, metrics, step=None) -> None: ...
+
+    def log_params(self, params) -> None: ...
+
+    def add_figure(self, name, figure, step=None) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+def train_sbi(make: Callable[[], object], theta: Tensor, x: Tensor, budget: float,
+              **train_kwargs) -> tuple[object, dict]:
     """Train an sbi trainer for about ``budget`` CPU seconds. sbi counts epochs, so a probe
     prices one: its first epochs absorb the one-time costs (building the net, first calls),
     two more resumed epochs give the price; a fresh trainer then gets ``budget / price``
@@ -158,15 +176,15 @@ def train_sbi(make: Callable[[], object], theta: Tensor, x: Tensor, budget: floa
         warnings.filterwarnings("ignore", message="Maximum number of epochs")  # the budget, not a fault
         probe = make()
         probe.append_simulations(theta, x)
-        probe.train(max_num_epochs=1)  # sbi trains epochs 0..max_num_epochs, at least 2
+        probe.train(max_num_epochs=1, **train_kwargs)  # sbi trains epochs 0..max_num_epochs, at least 2
         start = time.process_time()
-        probe.train(max_num_epochs=3, resume_training=True)
+        probe.train(max_num_epochs=3, resume_training=True, **train_kwargs)
         price = (time.process_time() - start) / 2
         epochs = max(2, int(budget / price))
         inference = make()
         inference.append_simulations(theta, x)
         start = time.process_time()
-        inference.train(max_num_epochs=epochs - 1)
+        inference.train(max_num_epochs=epochs - 1, **train_kwargs)
         spent = time.process_time() - start
     return inference, {"train_cpu_s": spent, "epochs": int(inference.summary["epochs_trained"][-1]),
                        "epoch_budget": epochs}
@@ -176,7 +194,7 @@ def build(method: str, args: argparse.Namespace, theta: Tensor, x: Tensor):
     """The trained posterior of ``method`` and its training record."""
     from sbi.inference import FMPE, NPE, DirectPosterior
 
-    quiet = dict(show_progress_bars=False)
+    quiet = dict(show_progress_bars=False, tracker=NoTracker())
     if method == "NSF (sbi)":
         inference, record = train_sbi(lambda: NPE(prior(), density_estimator="nsf", **quiet), theta, x, args.budget)
         return inference.build_posterior(), record
@@ -185,7 +203,9 @@ def build(method: str, args: argparse.Namespace, theta: Tensor, x: Tensor):
         return inference.build_posterior(), record
     if method == "CNF by NPE (sbi)":
         builder = partial(build_cnf_estimator, hidden_dims=args.hidden)
-        inference, record = train_sbi(lambda: NPE(prior(), density_estimator=builder, **quiet), theta, x, args.budget)
+        lr = {} if args.npe_lr is None else {"learning_rate": args.npe_lr}
+        inference, record = train_sbi(lambda: NPE(prior(), density_estimator=builder, **quiet), theta, x, args.budget,
+                                      **lr)
         return inference.build_posterior(), record
     if method == "CNF by flow matching":
         estimator = flow_matching_estimator(theta, x, hidden_dims=args.fm_hidden, max_seconds=args.budget,
@@ -237,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--posterior-samples", type=int, default=5000, help="per observation, and as many exact ones")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="CNF by NPE: the field's widths")
+    parser.add_argument("--npe-lr", type=float, default=None, help="CNF by NPE: sbi's learning rate (its 5e-4)")
     parser.add_argument("--fm-hidden", type=int, nargs="+", default=[64, 64, 64, 64],
                         help="CNF by flow matching: the field's widths")
     parser.add_argument("--fm-lr", type=float, default=2e-2, help="flow matching: Adam's initial rate (cosine decay)")

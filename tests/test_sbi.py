@@ -29,6 +29,22 @@ def prior():
     return BoxUniform(-torch.ones(2), torch.ones(2))
 
 
+class NoTracker:
+    """sbi's tracker protocol, writing nothing (the default writes ./sbi-logs)."""
+
+    log_dir = None
+
+    def log_metric(self, *args, **kwargs): ...
+
+    def log_metrics(self, *args, **kwargs): ...
+
+    def log_params(self, *args, **kwargs): ...
+
+    def add_figure(self, *args, **kwargs): ...
+
+    def flush(self): ...
+
+
 def solves(estimator, monkeypatch):
     """The ``logdet`` argument of each solve of the estimator's CNF."""
     flow = estimator.net._transform._transforms[-1].flow
@@ -108,7 +124,7 @@ class TestSbiTrainsIt:
 
         theta, x = data(200)
         npe = NPE(prior(), density_estimator=partial(build_cnf_estimator, hidden_dims=(8,), method="rk4", steps=2),
-                  show_progress_bars=False)
+                  show_progress_bars=False, tracker=NoTracker())
         with pytest.warns(UserWarning, match="Maximum number of epochs"):
             est = npe.append_simulations(theta, x).train(max_num_epochs=1, training_batch_size=50)
         posterior = npe.build_posterior()
