@@ -3,7 +3,7 @@
 The core (:class:`ContinuousFlow`, :class:`ODENet`, :func:`flow_matching_loss`) needs only
 torch. The adapters load their library on first use: :class:`CNF`, :class:`ConditionalCNF`,
 :class:`ConditionedCNF`, :func:`cnf` and :func:`conditional_cnf` from :mod:`pyro_cnf.pyro`
-(Pyro), :class:`CNFTransform` from :mod:`pyro_cnf.nflows` (nflows). Training lives in
+(Pyro), :class:`CNFTransform` and :class:`CNFFlow` from :mod:`pyro_cnf.nflows` (nflows). Training lives in
 :mod:`pyro_cnf.training`, the toy densities and the demo in :mod:`pyro_cnf.toy`.
 """
 
@@ -24,6 +24,7 @@ _ADAPTERS = {
     "cnf": "pyro",
     "conditional_cnf": "pyro",
     "CNFTransform": "nflows",
+    "CNFFlow": "nflows",
 }
 
 __all__ = [

@@ -95,6 +95,10 @@ class _Estimation:
             raise TypeError(f"regularize must be True or False, got {self.regularize!r}")
 
 
+_ESTIMATION_FIELDS = frozenset(f.name for f in dataclasses.fields(_Estimation))
+_SOLVER_FIELDS = frozenset(f.name for f in dataclasses.fields(Solver))
+
+
 def _setting(holder: str, name: str) -> property:
     def get(self: ContinuousFlow) -> Any:
         return getattr(getattr(self, holder), name)
@@ -192,6 +196,25 @@ class ContinuousFlow(nn.Module):
     options = _setting("solver", "options")
     adjoint_options = _setting("solver", "adjoint_options")
     backend = _setting("solver", "backend")
+
+    def configure(self, **settings: Any) -> ContinuousFlow:
+        """Change several settings at once, validated together (``flow.method = "rk4"``
+        alone would be refused before ``steps`` is set); returns the flow.
+
+        Example:
+            >>> from pyro_cnf import ODENet
+            >>> flow = ContinuousFlow(ODENet(2, (8,))).configure(method="rk4", steps=4)
+            >>> flow.method, flow.steps
+            ('rk4', 4)
+        """
+        own = {k: settings.pop(k) for k in list(settings) if k in _ESTIMATION_FIELDS}
+        unknown = set(settings) - _SOLVER_FIELDS
+        if unknown:
+            raise TypeError(f"unknown settings {sorted(unknown)}; expected some of {sorted(_ESTIMATION_FIELDS | _SOLVER_FIELDS)}")
+        estimation, solver = dataclasses.replace(self._estimation, **own), dataclasses.replace(self.solver, **settings)
+        object.__setattr__(self, "_estimation", estimation)
+        object.__setattr__(self, "solver", solver)
+        return self
 
     @property
     def input_dim(self) -> int | None:

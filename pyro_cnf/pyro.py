@@ -4,7 +4,9 @@
 Pyro's transforms map base -> data: ``cnf(z)`` integrates from ``T`` down to 0 and
 ``cnf.inv(x)`` from 0 up to ``T``. Both directions compute the log-determinant in the
 same solve and cache it, so an SVI step (``rsample`` then ``log_prob`` of that sample)
-costs one ODE solve, as does ``log_prob`` of data.
+costs one ODE solve, as does ``log_prob`` of data. Under ``torch.no_grad()`` (where
+``TransformedDistribution.sample`` runs its transforms) ``cnf(z)`` skips the trace: see
+:class:`ConditionedCNF`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
+import torch
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
@@ -29,7 +32,34 @@ class ConditionedCNF(Transform):
     log-determinant of the base -> data map, which :meth:`log_abs_det_jacobian` serves
     when asked about the pair it has cached (by tensor identity, in Pyro's manner) and
     otherwise recomputes.
+
+    Costs, in ODE solves:
+
+    - ``rsample`` then ``log_prob`` of that sample (an SVI step), or ``log_prob`` of data:
+      one solve with the trace.
+    - ``sample()``: ``TransformedDistribution.sample`` runs the transforms under
+      ``torch.no_grad()``, and there ``_call`` solves without the trace
+      (``logdet=False``), the cost of drawing and nothing more (measured on 10 000
+      points: a quarter to a third of a traced solve for a 2x64 ``ODENet``, under a
+      thirtieth for 4x64, whose closed-form trace carries a per-sample Jacobian; see
+      the README).
+    - ``log_prob`` of a point drawn by ``sample()`` (or by ``cnf(z)`` under
+      ``no_grad``): the log-determinant was not integrated, so the first
+      :meth:`log_abs_det_jacobian` on that cached pair solves once more, base -> data
+      from the cached ``z`` with the trace (one solve with the trace, as for fresh
+      data), and caches it for later calls. Drawing and scoring then costs a trace-free
+      solve plus a traced one: 1.2-1.3x the one traced solve of ``rsample`` +
+      ``log_prob`` for a 2x64 ``ODENet``, about 1x for 4x64, at most 2x. When every
+      sample will be scored, draw with ``rsample`` under grad, or set
+      :attr:`trace_free_without_grad` to ``False`` (one traced solve under ``no_grad``
+      too).
     """
+
+    #: Skip the trace in ``_call`` when gradients are disabled (the log-det is then
+    #: computed on demand by :meth:`log_abs_det_jacobian`). Set it to ``False`` on an
+    #: instance, or on ``ConditionedCNF`` itself for every transform (those that
+    #: ``ConditionalCNF.condition`` makes included), to integrate it in the same solve.
+    trace_free_without_grad: bool = True
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
@@ -42,6 +72,10 @@ class ConditionedCNF(Transform):
         self._cached_ladj: Tensor | None = None
 
     def _call(self, z: Tensor) -> Tensor:
+        if self.trace_free_without_grad and not torch.is_grad_enabled():
+            x, _ = self.flow(z, self.context, reverse=True, logdet=False)
+            self._cached_ladj = None  # log_abs_det_jacobian computes it if asked
+            return x
         x, ladj = self.flow(z, self.context, reverse=True)
         self._cached_ladj = ladj
         return x
@@ -54,14 +88,18 @@ class ConditionedCNF(Transform):
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
         """``log|det dx/dz|`` of the base -> data map, shape = batch shape."""
         z_old, x_old = getattr(self, "_cached_x_y", (None, None))
-        if self._cached_ladj is not None and z is z_old and x is x_old:
+        if z is z_old and x is x_old:
+            if self._cached_ladj is None:  # drawn without the trace: integrate it from z now
+                self._cached_ladj = self.flow(z, self.context, reverse=True)[1]
             return self._cached_ladj
         return self.flow(z, self.context, reverse=True)[1]  # leaves the cached pair intact
 
     def with_cache(self, cache_size: int = 1) -> ConditionedCNF:
         if cache_size == self._cache_size:
             return self
-        return ConditionedCNF(self.flow, self.context, cache_size=cache_size)
+        copy = ConditionedCNF(self.flow, self.context, cache_size=cache_size)
+        copy.trace_free_without_grad = self.trace_free_without_grad
+        return copy
 
     def clear_cache(self) -> None:
         """Forget the cached pair (Pyro's ``TransformedDistribution.clear_cache()`` calls

@@ -11,6 +11,8 @@ import pyro
 import pytest
 import torch
 
+import pyro_cnf
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -170,3 +172,76 @@ class TestConditionalDensity:
         p = script.true_log_prob(grid, torch.full((len(grid), 1), 1.5, dtype=torch.float64)).exp()
         moment = torch.trapezoid(torch.trapezoid((p * grid.pow(2).sum(-1)).reshape(601, 601), axis), axis)
         assert moment.item() == pytest.approx(2.25**2 + 2 * script.NOISE**2, rel=1e-4)
+
+
+class TestSbiPosterior:
+    def test_smoke(self, tmp_path):
+        pytest.importorskip("sbi")
+        script = load("sbi_posterior")
+        metrics = script.main(
+            ["--budget", "0.5", "--simulations", "300", "--observations", "1", "--posterior-samples", "100",
+             "--hidden", "8", "--fm-hidden", "8", "8", "--out", str(tmp_path)]
+        )
+        check_outputs(tmp_path, "posteriors.png", metrics)
+        for method in script.METHODS:
+            assert 0.3 <= metrics[method]["c2st_mean"] <= 1 and metrics[method]["sample_cpu_s"] >= 0
+
+    def test_exact_posterior_is_normalised_and_its_sampler_agrees(self):
+        script = load("sbi_posterior")
+        g = torch.Generator().manual_seed(0)
+        x_o = script.simulate(torch.tensor([[0.2, -0.6]]), g)
+        accept = script.acceptance(x_o, g)
+        axis = torch.linspace(-1, 1, 1501, dtype=torch.float64)
+        g1, g2 = torch.meshgrid(axis, axis, indexing="ij")
+        p = script.reference_log_prob(torch.stack([g1, g2], -1), x_o.double(), accept).exp()
+        assert torch.trapezoid(torch.trapezoid(p, axis), axis).item() == pytest.approx(1.0, abs=5e-3)
+        mean = [torch.trapezoid(torch.trapezoid(p * c, axis), axis).item() for c in (g1, g2)]
+        draws = script.reference_samples(x_o, 50_000, g)
+        assert draws.abs().max() <= 1
+        torch.testing.assert_close(draws.mean(0).double(), torch.tensor(mean, dtype=torch.float64), atol=0.02, rtol=0)
+
+    def test_reference_draws_simulate_back_to_the_observation(self):
+        # every exact draw solves x_o = p + shift(theta) for one moon point p
+        script = load("sbi_posterior")
+        g = torch.Generator().manual_seed(1)
+        x_o = script.simulate(torch.tensor([[0.5, 0.1]]), g)
+        theta = script.reference_samples(x_o, 200, g)
+        q = x_o - script._shift(theta) - torch.tensor([script.SHIFT, 0.0])
+        assert (q[:, 0] > 0).all() and ((q.norm(dim=-1) - script.R_MEAN).abs() < 6 * script.R_STD).all()
+
+    def test_c2st_separates_what_differs(self):
+        script = load("sbi_posterior")
+        a, b = torch.randn(400, 2), torch.randn(400, 2)
+        assert script.c2st(a, b) < 0.6 < 0.9 < script.c2st(a, b + 3)
+
+
+class TestNeutraHmc:
+    def test_smoke(self, tmp_path):
+        metrics = load("neutra_hmc").main(
+            ["--dim", "3", "--steps", "3", "--particles", "4", "--hidden", "8", "--warmup", "10", "--samples", "30",
+             "--max-tree-depth", "3", "--solvers", "rk4x2", "--out", str(tmp_path)]
+        )
+        check_outputs(tmp_path, "samples.png", metrics)
+        assert {"plain NUTS", "NeuTra CNF, rk4x2"} <= set(metrics)
+        assert metrics["NeuTra CNF, rk4x2"]["solves_per_draw"] >= 1
+
+    def test_log_density_is_the_models(self):
+        script = load("neutra_hmc")
+        trace = pyro.poutine.trace(script.model).get_trace(2)
+        z1, z2 = trace.nodes["z1"]["value"], trace.nodes["z2"]["value"][0]
+        torch.testing.assert_close(script.log_density(z1, z2), trace.log_prob_sum())
+
+    def test_solver_names_and_settings(self):
+        script = load("neutra_hmc")
+        assert script.parse_solver("rk4x4") == {"method": "rk4", "steps": 4}
+        assert script.parse_solver("dopri5x2") == {"method": "dopri5", "steps": 2}
+        assert script.parse_solver("dopri5@1e-3") == {"method": "dopri5", "steps": None, "rtol": 1e-3, "atol": 1e-3}
+        with pytest.raises(ValueError):
+            script.parse_solver("rk4 x4")
+        flow = pyro_cnf.ContinuousFlow(pyro_cnf.ODENet(2, (8,)))
+        with script.solver(flow, script.parse_solver("rk4x4")):
+            assert (flow.method, flow.steps) == ("rk4", 4)
+        assert (flow.method, flow.steps) == ("dopri5", None)
+        with pytest.raises(ValueError), script.solver(flow, {"method": "rk4", "steps": None}):
+            pass
+        assert flow.method == "dopri5"

@@ -26,14 +26,17 @@ def small_cnf(d=2, context_dim=0, **kw):
 
 
 class SolveCounter:
-    """Counts calls of ContinuousFlow.forward (one call = one ODE solve)."""
+    """Counts calls of ContinuousFlow.forward (one call = one ODE solve); ``logdets``
+    records whether each integrated the log-determinant."""
 
     def __init__(self, flow, monkeypatch):
         self.calls = 0
+        self.logdets = []
         original = flow.forward
 
         def counted(*args, **kwargs):
             self.calls += 1
+            self.logdets.append(kwargs.get("logdet", True))
             return original(*args, **kwargs)
 
         monkeypatch.setattr(flow, "forward", counted)
@@ -155,6 +158,69 @@ class TestOneSolve:
         counter = SolveCounter(made[0].flow, monkeypatch)
         svi.step()
         assert counter.calls == 1
+
+
+class TestTraceFreeSampling:
+    def test_sample_is_one_solve_without_the_trace(self, monkeypatch):
+        t = CNF(2, flow=small_cnf())
+        counter = SolveCounter(t.flow, monkeypatch)
+        x = dist.TransformedDistribution(base(2), [t]).sample((8,))
+        assert x.shape == (8, 2) and counter.logdets == [False]
+        with torch.no_grad():
+            torch.testing.assert_close(x, t.flow(t._cached_x_y[0], reverse=True)[0], atol=1e-4, rtol=1e-4)
+
+    def test_log_prob_of_a_sample_is_one_more_solve_and_equals_the_fresh_one(self, monkeypatch):
+        flow = small_cnf(rtol=1e-10, atol=1e-10).double()
+        t = CNF(2, flow=flow)
+        d = dist.TransformedDistribution(base(2, torch.float64), [t])
+        counter = SolveCounter(flow, monkeypatch)
+        x = d.sample((6,))
+        served = d.log_prob(x)
+        assert counter.logdets == [False, True]  # the sample, then the log-det from the cached z
+        torch.testing.assert_close(d.log_prob(x), served)  # now cached: no third solve
+        assert counter.calls == 2
+        fresh = d.log_prob(x.clone())  # not the cached tensor: data -> base with the trace
+        assert counter.calls == 3
+        torch.testing.assert_close(served, fresh, rtol=1e-7, atol=1e-7)
+
+    def test_under_grad_rsample_and_log_prob_keep_one_traced_solve(self, monkeypatch):
+        t = CNF(2, flow=small_cnf())
+        counter = SolveCounter(t.flow, monkeypatch)
+        d = dist.TransformedDistribution(base(2), [t])
+        lp = d.log_prob(d.rsample((5,)))
+        lp.sum().backward()
+        assert counter.logdets == [True]
+        assert all(p.grad is not None for p in t.parameters())
+
+    def test_no_grad_rsample_is_trace_free_unless_switched_off(self, monkeypatch):
+        t = CNF(2, flow=small_cnf())
+        counter = SolveCounter(t.flow, monkeypatch)
+        d = dist.TransformedDistribution(base(2), [t])
+        with torch.no_grad():
+            d.log_prob(d.rsample((5,)))
+            assert counter.logdets == [False, True]
+            t.trace_free_without_grad = False
+            d.log_prob(d.rsample((5,)))
+        assert counter.logdets == [False, True, True]  # one traced solve, as before
+        assert t.with_cache(0).trace_free_without_grad is False
+
+    def test_conditional_sample_is_trace_free_and_scores_exactly(self, monkeypatch):
+        t = ConditionalCNF(2, 3, flow=small_cnf(context_dim=3, rtol=1e-8, atol=1e-8))
+        d = dist.ConditionalTransformedDistribution(base(2), [t]).condition(torch.randn(3))
+        counter = SolveCounter(t.flow, monkeypatch)
+        x = d.sample((4,))
+        lp = d.log_prob(x)
+        assert counter.logdets == [False, True] and lp.shape == (4,)
+        torch.testing.assert_close(lp, d.log_prob(x.clone()), rtol=1e-4, atol=1e-4)
+
+    def test_log_abs_det_of_another_pair_is_recomputed(self):
+        t = CNF(2, flow=small_cnf())
+        with torch.no_grad():
+            z1, z2 = torch.randn(3, 2), torch.randn(3, 2)
+            x1 = t(z1)
+            x2 = t(z2)  # the cache now holds (z2, x2)
+            torch.testing.assert_close(t.log_abs_det_jacobian(z1, x1), t.flow(z1, reverse=True)[1])
+            torch.testing.assert_close(t.log_abs_det_jacobian(z2, x2), t.flow(z2, reverse=True)[1])
 
 
 @pytest.mark.slow
