@@ -13,35 +13,12 @@ from nflows.transforms import (
 
 from pyro_cnf import CNFFlow, CNFTransform, ContinuousFlow, ODENet
 from pyro_cnf.nflows import forward_without_logdet, inverse_without_logdet
-from tests.fields import LinearField, random_matrix
 
 
 def small(d=2, context_dim=None, **kw):
     torch.manual_seed(0)
     field = ODENet(d, (16, 16), context_dim=context_dim or 0, zero_init=False)
     return CNFTransform(d, context_dim=context_dim, flow=ContinuousFlow(field, **kw))
-
-
-def test_forward_maps_data_to_noise_on_linear_field():
-    A = random_matrix(3)
-    t = CNFTransform(3, flow=ContinuousFlow(LinearField(A), trace="exact", rtol=1e-10, atol=1e-10))
-    x = torch.randn(4, 3, dtype=torch.float64)
-    z, logabsdet = t(x)
-    torch.testing.assert_close(z, x @ torch.linalg.matrix_exp(A).t())
-    torch.testing.assert_close(logabsdet, torch.trace(A).expand(4))
-    x2, back = t.inverse(z)
-    torch.testing.assert_close(x2, x)
-    torch.testing.assert_close(back, -logabsdet)
-
-
-def test_logabsdet_matches_slogdet():
-    t = small(rtol=1e-10, atol=1e-10).double()
-    x = torch.randn(3, 2, dtype=torch.float64)
-    _, logabsdet = t(x)
-    assert logabsdet.shape == (3,)
-    for i in range(3):
-        jac = torch.autograd.functional.jacobian(lambda v: t(v[None])[0][0], x[i])
-        torch.testing.assert_close(logabsdet[i], torch.linalg.slogdet(jac)[1], rtol=1e-7, atol=1e-7)
 
 
 def test_stacked_with_maf_in_flow():
@@ -57,22 +34,13 @@ def test_stacked_with_maf_in_flow():
     torch.testing.assert_close(lp, StandardNormal([4]).log_prob(z2) + l1 + l2)
     lp.mean().backward()
     assert all(p.grad is not None for p in cnf.parameters())
+    state = torch.get_rng_state()
     with torch.no_grad():
         samples = flow.sample(7)
-    assert samples.shape == (7, 4) and torch.isfinite(samples).all()
-    # sampling inverts the forward map
-    with torch.no_grad():
-        torch.testing.assert_close(flow.transform_to_noise(samples).shape, torch.Size([7, 4]))
-
-
-def test_conditional_flow_log_prob_and_sample():
-    t = small(2, context_dim=3)
-    flow = Flow(t, StandardNormal([2]))
-    x, ctx = torch.randn(5, 2), torch.randn(5, 3)
-    lp = flow.log_prob(x, context=ctx)
-    z, ladj = t.flow(x, ctx)
-    torch.testing.assert_close(lp, StandardNormal([2]).log_prob(z) + ladj)
-    assert flow.sample(4, context=ctx).shape == (5, 4, 2)
+        torch.set_rng_state(state)
+        noise = StandardNormal([4]).sample(7)  # the draw flow.sample started from
+        # sampling inverts the forward map: the samples map back to exactly that draw
+        torch.testing.assert_close(flow.transform_to_noise(samples), noise, rtol=1e-3, atol=1e-3)
 
 
 def test_context_rows_must_match_inputs():
