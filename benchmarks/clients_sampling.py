@@ -25,7 +25,6 @@ from nflows.flows import Flow
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pyro_cnf  # noqa: E402
 from common import interleaved, machine, median, table  # noqa: E402
 from pyro_cnf import CNF, CNFFlow, CNFTransform, ContinuousFlow  # noqa: E402
 from pyro_cnf.datasets import sample  # noqa: E402

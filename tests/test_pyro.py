@@ -11,7 +11,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormalizingFlow
 
 import pyro_cnf
-from pyro_cnf import CNF, CNFTransform, ConditionalCNF, ContinuousFlow, ODENet, cnf
+from pyro_cnf import CNF, ConditionalCNF, ContinuousFlow, ODENet, cnf
 
 
 def base(d, dtype=torch.float32):

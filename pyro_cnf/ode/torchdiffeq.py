@@ -7,7 +7,7 @@ Failures, which torchdiffeq reports by ``assert`` (in the adjoint's case from in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
