@@ -349,28 +349,31 @@ class ContinuousFlow(nn.Module):
         )
 
 
+#: The :func:`default_flow` keywords that go to the :class:`~pyro_cnf.ODENet` field.
+FIELD_OPTIONS = frozenset({"activation", "zero_init", "time_gate_scale"})
+
+
 def default_flow(
     input_dim: int,
     hidden_dims: Sequence[int] | None = None,
     context_dim: int = 0,
-    *,
-    activation: str = "softplus",
-    zero_init: bool = True,
-    **flow_kwargs: Any,
+    **kwargs: Any,
 ) -> ContinuousFlow:
     """A :class:`ContinuousFlow` over an :class:`~pyro_cnf.ODENet` field, as the adapters build it.
 
-    ``hidden_dims`` defaults to ``(64, 64)``; ``activation`` and ``zero_init`` go to the
-    field, everything else to the flow.
+    ``hidden_dims`` defaults to ODENet's ``(64, 64)``; the :data:`FIELD_OPTIONS`
+    (``activation``, ``zero_init``, ``time_gate_scale``) go to the field, with ODENet's
+    defaults, and everything else to the flow.
 
     Example:
-        >>> flow = default_flow(3, (16,), activation="tanh", method="rk4", steps=4)
+        >>> flow = default_flow(3, (16,), activation="silu", method="rk4", steps=4)
         >>> flow.vector_field.activation, flow.method
-        ('tanh', 'rk4')
+        ('silu', 'rk4')
     """
-    hidden = (64, 64) if hidden_dims is None else hidden_dims
-    field = ODENet(input_dim, hidden, context_dim, activation=activation, zero_init=zero_init)
-    return ContinuousFlow(field, **flow_kwargs)
+    field_kwargs = {name: kwargs.pop(name) for name in FIELD_OPTIONS & kwargs.keys()}
+    if hidden_dims is not None:
+        field_kwargs["hidden_dims"] = tuple(hidden_dims)
+    return ContinuousFlow(ODENet(input_dim, context_dim=context_dim, **field_kwargs), **kwargs)
 
 
 def resolve_flow(

@@ -135,7 +135,10 @@ class ODENet(nn.Module):
         input_dim: The dimension ``d`` of ``x``.
         hidden_dims: The widths of the hidden layers (``()`` gives a linear field).
         context_dim: The dimension of the context, 0 for none.
-        activation: One of :data:`ACTIVATIONS`.
+        activation: One of :data:`ACTIVATIONS`. The default ``tanh`` learns fastest by
+            maximum likelihood and flow matching (BENCHMARKS.md, "Defaults"); the Pyro
+            adapter's guides use ``silu``, whose unbounded growth a guide needs to reach
+            heavy tails.
         zero_init: Zero the last layer so that a new flow is the identity map.
         time_gate_scale: Standard deviation of the initial time-gate slopes ``a`` (time
             enters each unit through :math:`\sigma(a t + g)`). The default 0.1 starts a
@@ -161,7 +164,7 @@ class ODENet(nn.Module):
         input_dim: int,
         hidden_dims: Sequence[int] = (64, 64),
         context_dim: int = 0,
-        activation: str = "softplus",
+        activation: str = "tanh",
         zero_init: bool = True,
         time_gate_scale: float = 0.1,
     ) -> None:

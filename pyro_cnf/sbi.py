@@ -47,7 +47,6 @@ from nflows.transforms import CompositeTransform, PointwiseAffineTransform
 from torch import Tensor, nn
 
 from .flow import ContinuousFlow
-from .nets import ODENet
 from .nflows import CNFFlow, CNFTransform, forward_without_logdet
 
 __all__ = ["Standardize", "build_cnf_estimator", "flow_matching_estimator", "train_flow_matching"]
@@ -55,9 +54,6 @@ __all__ = ["Standardize", "build_cnf_estimator", "flow_matching_estimator", "tra
 #: ``z_score_theta`` / ``z_score_x`` options, as in sbi: per-dimension moments, one
 #: moment for all dimensions (time series, images), or none.
 Z_SCORE = ("independent", "structured", "none", None)
-#: Keyword arguments of :func:`build_cnf_estimator` that go to the :class:`~pyro_cnf.ODENet`
-#: field; the rest go to :class:`~pyro_cnf.ContinuousFlow`.
-FIELD_OPTIONS = frozenset({"activation", "zero_init", "time_gate_scale"})
 
 
 def _moments(batch: Tensor, mode: str, min_std: float) -> tuple[Tensor, Tensor]:
@@ -159,15 +155,7 @@ def build_cnf_estimator(
         raise ValueError(
             f"the embedding net must return a context of shape (N, c), got {tuple(context.shape)} for 1 row"
         )
-    if flow is None:
-        field_kwargs = {k: kwargs.pop(k) for k in FIELD_OPTIONS & set(kwargs)}
-        if hidden_dims is not None:
-            field_kwargs["hidden_dims"] = tuple(hidden_dims)
-        field = ODENet(d, context_dim=context.shape[1], **field_kwargs)
-        flow = ContinuousFlow(field, **kwargs)
-    elif kwargs or hidden_dims is not None:
-        raise ValueError("pass either flow= or field and flow settings, not both")
-    cnf = CNFTransform(d, context_dim=context.shape[1], flow=flow)
+    cnf = CNFTransform(d, hidden_dims, context_dim=context.shape[1], flow=flow, **kwargs)
     parts: list = [cnf]
     if z_score_theta is not None:
         mean, std = _moments(batch_theta, z_score_theta, min_std=1e-14)

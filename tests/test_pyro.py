@@ -231,3 +231,37 @@ class TestConditional:
     def test_conditional_factory(self):
         t = pyro_cnf.conditional_cnf(2, 3, hidden_dims=[8])
         assert isinstance(t, ConditionalCNF) and t.flow.vector_field.hidden_dims == (8,)
+
+
+class TestFieldDefaults:
+    """The defaults study's choice (BENCHMARKS.md, "Defaults"): guides (``CNF``, ``cnf``) get
+    ``silu``, density fitting (ODENet, ``ConditionalCNF``, the nflows adapter) ``tanh``."""
+
+    def test_guides_default_to_silu(self):
+        assert pyro_cnf.pyro.GUIDE_ACTIVATION == "silu"
+        assert CNF(2).flow.vector_field.activation == "silu"
+        assert cnf(3, [8]).flow.vector_field.activation == "silu"
+
+    def test_density_fields_default_to_tanh(self):
+        assert ODENet(2).activation == "tanh"
+        assert ConditionalCNF(2, 1).flow.vector_field.activation == "tanh"
+        assert pyro_cnf.CNFTransform(2).flow.vector_field.activation == "tanh"
+
+    def test_explicit_settings_win(self):
+        assert CNF(2, activation="tanh").flow.vector_field.activation == "tanh"
+        own = ContinuousFlow(ODENet(2, (8,), activation="elu"))
+        assert CNF(2, flow=own).flow.vector_field.activation == "elu"
+        with pytest.raises(ValueError, match="not both"):
+            CNF(2, flow=own, zero_init=False)
+
+    def test_guide_field_is_unbounded_and_starts_at_identity(self):
+        # what the guide default is for: a field that can keep growing with |x| (a tanh
+        # field's output is bounded by the last layer's weights), from the identity map
+        torch.manual_seed(0)
+        guide, density = CNF(2, zero_init=False).flow.vector_field, ODENet(2, zero_init=False)
+        x, t = torch.tensor([[1e3, -1e3]]), torch.tensor(0.5)
+        bound = density.linears[-1].weight.abs().sum(1) + density.linears[-1].bias.abs()
+        assert (density(t, x).abs() <= bound + 1e-4).all()
+        assert guide(t, 10 * x).norm() > 5 * guide(t, x).norm()
+        y = torch.randn(4, 2)
+        assert torch.equal(CNF(2)(y), y)
