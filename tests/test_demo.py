@@ -266,11 +266,21 @@ def test_the_flow_matching_recipe_runs_through_the_demo(tmp_path, monkeypatch):
         "path": "cosine", "coupling": "minibatch_ot", "schedule": "cosine", "ema": 0.9, "activation": "silu"}
 
 
-@pytest.mark.parametrize("objective, low, high", [("mle", 0.0, 0.5), ("flow_matching", 5.0, 20.0)])
-def test_flow_matching_starts_with_steep_time_gates(objective, low, high):
+@pytest.mark.parametrize(
+    "objective, low, high, activation", [("mle", 0.0, 0.5, "softplus"), ("flow_matching", 5.0, 20.0, "tanh")]
+)
+def test_flow_matching_starts_with_steep_time_gates(objective, low, high, activation):
+    # the activation too depends on the objective: softplus for the 4-step rk4 grid of mle
     torch.manual_seed(0)
-    flow = demo._flow(build_parser().parse_args(["--objective", objective]))
+    parser = build_parser()
+    args = parser.parse_args(["--objective", objective])
+    demo._check_arguments(parser, args)
+    flow = demo._flow(args)
     assert low < flow.vector_field.time_gate.detach().std().item() < high
+    assert flow.vector_field.activation == activation
+    explicit = parser.parse_args(["--objective", objective, "--activation", "elu"])
+    demo._check_arguments(parser, explicit)
+    assert demo._flow(explicit).vector_field.activation == "elu"
     assert demo.exact_flow(flow, 1e-6).vector_field is flow.vector_field
 
 
