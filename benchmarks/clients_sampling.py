@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import interleaved, machine, median, table  # noqa: E402
 from pyro_cnf import CNF, CNFFlow, CNFTransform, ContinuousFlow  # noqa: E402
-from pyro_cnf.datasets import sample  # noqa: E402
+from pyro_cnf.toy.datasets import sample  # noqa: E402
 from trainers import train  # noqa: E402
 
 

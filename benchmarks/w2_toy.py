@@ -32,7 +32,7 @@ REACH_TARGET = 0.2
 
 
 def toy_data():
-    """``(sample(name, n, seed), true_log_prob(name, x) or None)``: pyro_cnf.datasets."""
+    """``(sample(name, n, seed), true_log_prob(name, x) or None)``: pyro_cnf.toy.datasets."""
     from pyro_cnf.toy import datasets
 
     return datasets.sample, datasets.true_log_prob

@@ -39,3 +39,20 @@ def test_public_names():
     assert set(pyro_cnf.__all__) <= set(dir(pyro_cnf))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         pyro_cnf.Nope  # noqa: B018
+
+
+def test_benchmark_and_example_scripts_import():
+    # The scripts are not imported by any other test; a module moved in the package must not
+    # leave one of them broken (benchmarks/clients_sampling.py once was).
+    root = pathlib.Path(__file__).parents[1]
+    scripts = sorted(p for folder in ("benchmarks", "examples") for p in (root / folder).glob("*.py"))
+    code = (
+        "import importlib.util, pathlib, sys\n"
+        "for path in map(pathlib.Path, sys.argv[1:]):\n"
+        "    sys.path[:0] = [str(path.parent)]\n"
+        "    spec = importlib.util.spec_from_file_location(path.stem, path)\n"
+        "    module = sys.modules[path.stem] = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(module)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *map(str, scripts)], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
