@@ -37,7 +37,7 @@ def trained_field(budget: float, seed: int, hidden: tuple[int, ...] | None = Non
     recipe = {"hidden": tuple(hidden)} if hidden else None
     train("pyro_cnf_fm", 2, lambda i: sample("8gaussians", 256, seed=seed + i), budget, test, test[:512],
           seed=seed, evaluate=False, keep=keep, log=lambda msg: None, recipe=recipe)
-    field = keep["model"].scored_field().eval()
+    field = keep["field"].eval()
     return field.requires_grad_(False)
 
 
