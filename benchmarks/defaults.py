@@ -59,6 +59,7 @@ import inspect
 import io
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -412,10 +413,12 @@ def conditional_maf(d: int, context: int, layers: int = 5, hidden: int = 64):
 
 
 def use_cond(run: str, lr: float, seed: int, budget: float = 60.0, batch: int = 200, zscore: bool = False,
-             adapter: str = "nflows") -> dict:
+             adapter: str = "nflows", grid: int = 0) -> dict:
     """theta | x on two moons by maximum likelihood for ``budget`` CPU s; held-out NLL of theta.
     A config's flow trains inside nflows' ``Flow(CNFTransform)`` or Pyro's ``ConditionalCNF``
-    (``adapter``) and is scored by its field under the tight solve; ``maf`` by its own log_prob."""
+    (``adapter``) and is scored by its field under the tight solve; ``maf`` by its own log_prob.
+    ``grid`` > 0 trains the config's flow on a fixed dopri5 grid of that many steps instead of
+    the adaptive default (the scoring solve is the same tight one)."""
     from nflows.distributions import StandardNormal
     from nflows.flows import Flow
 
@@ -425,7 +428,7 @@ def use_cond(run: str, lr: float, seed: int, budget: float = 60.0, batch: int = 
     test_theta, test_x = frame(theta_test, x_test)
     torch.manual_seed(seed)
     if is_config(run):
-        flow = Config.parse(run).flow(2, context_dim=2)
+        flow = Config.parse(run).flow(2, context_dim=2, **({"steps": grid} if grid else {}))
         module = (Flow(pyro_cnf.CNFTransform(2, context_dim=2, flow=flow), StandardNormal([2])) if adapter == "nflows"
                   else PyroConditional(pyro_cnf.ConditionalCNF(2, 2, flow=flow)))
         model = Model(module, field=lambda trained: flow.vector_field, train_nfe=lambda: flow.nfe)
@@ -457,10 +460,12 @@ def load(path: Path) -> list[dict]:
 
 
 def save(path: Path, records: list[dict], new: dict) -> list[dict]:
-    keyed = {record_key(r): r for r in records}
+    """Add ``new`` to the records on disk (read again now: another study process may have
+    written since this one started) and write them atomically."""
+    keyed = {record_key(r): r for r in [*records, *load(path)]}
     keyed[record_key(new)] = new
     records = list(keyed.values())
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(records, indent=1))
     tmp.replace(path)
     return records
@@ -521,14 +526,17 @@ def jobs(args) -> list[tuple[str, str, str, float, int, str, Callable]]:
                     out.append((use, "checkerboard", "fm_recipe", FM_RECIPE["lr"], s, "cosine",
                                 partial(use_fm, budget=args.budget)))
         elif use == "cond":
-            for zs in (False, True):
+            budget_tag = f"+{args.cond_budget:g}s" if args.cond_budget != 60 else ""
+            for zs in [f == "zscore" for f in args.cond_frames]:
                 variants = [("nflows", r, lr) for r in cfgs + (["maf"] if args.peers else [])
                             for lr in args.cond_lrs or lrs]
                 variants += [("pyro", r, 1e-3) for r in cfgs] if args.cond_pyro else []
                 for adapter, run, lr in variants:
                     for s in seeds:
-                        out.append((use, "two_moons", run, lr, s, f"{adapter}{'+zscore' if zs else ''}", partial(
-                            use_cond, budget=args.cond_budget, zscore=zs, adapter=adapter)))
+                        grid = args.cond_grid if is_config(run) else 0  # the MAF has no solver
+                        variant = f"{adapter}{'+zscore' if zs else ''}{f'+grid{grid}' if grid else ''}{budget_tag}"
+                        out.append((use, "two_moons", run, lr, s, variant, partial(
+                            use_cond, budget=args.cond_budget, zscore=zs, adapter=adapter, grid=grid)))
         elif use == "demo":
             for sched in args.schedules:
                 for run in cfgs:
@@ -566,6 +574,8 @@ def main(argv=None) -> None:
     p.add_argument("--fm-lrs", type=floats, default=[1e-3])
     p.add_argument("--fm-ema", type=float, default=0.0, help="fm: score an EMA of the weights with this decay")
     p.add_argument("--cond-budget", type=float, default=60.0)
+    p.add_argument("--cond-grid", type=int, default=0, help="cond: train the CNFs on a fixed dopri5 grid of N steps")
+    p.add_argument("--cond-frames", type=words, default=["raw", "zscore"], help="cond: raw,zscore")
     p.add_argument("--cond-lrs", type=floats, default=None, help="cond (nflows runs and the MAF): default --lrs")
     p.add_argument("--cond-pyro", action="store_true", help="also ConditionalCNF through Pyro at lr 1e-3")
     p.add_argument("--demo-steps", type=int, default=4000)
