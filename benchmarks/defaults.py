@@ -244,22 +244,24 @@ def use_digits(run: str, lr: float, seed: int, steps: int | None = 300, budget: 
     return res
 
 
-def use_fm(run: str, lr: float, seed: int, dataset: str = "checkerboard", budget: float = 40.0, batch: int = 512,
-           path: str = "ot", schedule: str = "constant", ema: float = 0.0) -> dict:
-    """Flow matching of a config's field (``FlowMatching(path)``; ``ema`` > 0 scores the
-    weight average), or ``fm_recipe`` (trainers.FM_RECIPE: its own lr, schedule and
+def use_fm(run: str, lr: float, seed: int, dataset: str = "checkerboard", budget: float = 40.0,
+           batch: int | str = 512, path: str = "ot", schedule: str = "constant", ema: float = 0.0,
+           coupling: str = "independent", t_power: float | str = 1.0) -> dict:
+    """Flow matching of a config's field (``FlowMatching(path, coupling, t_power)``; ``ema``
+    > 0 scores the weight average), or ``fm_recipe`` (trainers.FM_RECIPE: its own lr, schedule and
     objective, one minibatch of ``batch`` rows per step like the other runs), or ``maf``
     (maximum likelihood); equal CPU budget."""
     test, draw = toy(dataset)
     torch.manual_seed(seed)
     if is_config(run):
         model = Config.parse(run).model(2)
-        model.objective, model.schedule, model.ema = FlowMatching(path=path), schedule, ema
+        objective = FlowMatching(path=path, coupling=coupling, t_power=float(t_power))
+        model.objective, model.schedule, model.ema = objective, schedule, ema
     elif run == "fm_recipe":
         model = build_fm(2, recipe={"batches": 1})
     else:
         model = peer(run, 2)
-    res, trained = fit(model, lambda i: draw(i, seed, batch), lr, budget=budget)
+    res, trained = fit(model, lambda i: draw(i, seed, int(batch)), lr, budget=budget)
     res.update(score(model, trained, test))
     return res
 
@@ -517,9 +519,11 @@ def jobs(args) -> list[tuple[str, str, str, float, int, str, Callable]]:
                         for lr in args.fm_lrs:
                             for s in seeds:
                                 variant = path + ("" if sched == "constant" else f"+{sched}") + (
-                                    f"+ema{args.fm_ema:g}" if args.fm_ema else "")
+                                    f"+ema{args.fm_ema:g}" if args.fm_ema else "") + "".join(
+                                    f"+{k}={v}" for k, v in args.fm_options.items())
                                 out.append((use, "checkerboard", run, lr, s, variant, partial(
-                                    use_fm, budget=args.budget, path=path, schedule=sched, ema=args.fm_ema)))
+                                    use_fm, budget=args.budget, path=path, schedule=sched, ema=args.fm_ema,
+                                    **args.fm_options)))
             if args.peers:
                 for s in seeds:
                     out.append((use, "checkerboard", "maf", 1e-3, s, "ot", partial(use_fm, budget=args.budget)))
@@ -571,6 +575,8 @@ def main(argv=None) -> None:
     p.add_argument("--svi-lrs", type=floats, default=None, help="default: --lrs")
     p.add_argument("--svi-hidden", type=words, default=[], help="extra CNF guide hidden dims, e.g. 32x32")
     p.add_argument("--fm-paths", type=words, default=["ot"])
+    p.add_argument("--fm-options", type=lambda text: dict(kv.split("=") for kv in text.split(",")), default={},
+                   help="fm: batch=N, coupling=minibatch_ot, t_power=P (comma-separated)")
     p.add_argument("--fm-lrs", type=floats, default=[1e-3])
     p.add_argument("--fm-ema", type=float, default=0.0, help="fm: score an EMA of the weights with this decay")
     p.add_argument("--cond-budget", type=float, default=60.0)
