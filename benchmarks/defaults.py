@@ -21,7 +21,7 @@ trained field (the weight average with ``ema``) by dopri5 at rtol = atol = 1e-6 
 exact trace.
 
 Uses (``--uses``): ``mle`` (8 Gaussians and checkerboard, batch 512, equal steps, beside
-zuko's default CNF), ``mle_cpu`` (equal CPU time, lr 1e-3, beside zuko and torchdyn),
+zuko's default CNF), ``mle_cpu`` (equal CPU time, lr 1e-3, beside zuko and torchdyn, the latter at 1e-5 and at its own defaults),
 ``digits`` (64-d, equal steps at each ``--lrs`` and equal CPU at each ``--digits-budget-lrs``,
 default 1e-3, beside zuko and a MAF), ``svi`` (banana, 10-d funnel, Bayesian logistic regression; beside AutoNormal,
 AutoIAFNormal and a spline AutoNormalizingFlow), ``fm`` (flow matching on the checkerboard,
@@ -489,7 +489,7 @@ def jobs(args) -> list[tuple[str, str, str, float, int, str, Callable]]:
                                     use_mle, dataset=ds, steps=args.steps, schedule=sched)))
         elif use == "mle_cpu":
             for ds in args.datasets:
-                for run in cfgs + (["zuko", "torchdyn"] if args.peers else []):
+                for run in cfgs + (["zuko", "torchdyn", "torchdyn_default"] if args.peers else []):
                     for s in seeds:
                         out.append((use, ds, run, 1e-3, s, f"{args.budget:g}s", partial(
                             use_mle, dataset=ds, steps=None, budget=args.budget)))

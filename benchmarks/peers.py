@@ -32,7 +32,9 @@ class LogProb:
 
 def pyro_cnf_log_prob(field: nn.Module, trace: str, rtol: float, atol: float, vjp: bool = False,
                       name: str = "pyro_cnf", **kw) -> LogProb:
-    flow = pyro_cnf.ContinuousFlow(FieldOnly(field) if vjp else field, trace=trace, rtol=rtol, atol=atol, **kw)
+    # the same tolerances when the solve is differentiated, as the peers' (no looser training solve)
+    flow = pyro_cnf.ContinuousFlow(FieldOnly(field) if vjp else field, trace=trace, rtol=rtol, atol=atol,
+                                   train_rtol=None, train_atol=None, **kw)
 
     def fn(x: Tensor) -> tuple[Tensor, int]:
         z, ladj = flow(x)

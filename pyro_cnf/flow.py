@@ -128,11 +128,14 @@ class ContinuousFlow(nn.Module):
             exact whenever the field has a closed form, the flow is in eval mode or gradients
             are off, or ``d <= AUTO_EXACT_MAX_DIM``; Hutchinson otherwise).
         noise: Hutchinson probes, ``"rademacher"`` or ``"gaussian"``, drawn once per solve.
-        method, rtol, atol, steps, adjoint, options, adjoint_options, backend: The ODE solver,
-            see :class:`pyro_cnf.ode.Solver`. The default, adaptive ``dopri5`` at
-            ``rtol = atol = 1e-5``, runs on pyro_cnf's own Runge-Kutta; so do ``rk4``,
-            ``midpoint``, ``euler`` and ``dopri5`` on a grid of ``steps`` (fifth-order steps,
-            ``6 steps + 1`` evaluations). The adjoint and every other method go to torchdiffeq.
+        method, rtol, atol, train_rtol, train_atol, steps, adjoint, options, adjoint_options,
+            backend: The ODE solver, see :class:`pyro_cnf.ode.Solver`. The default is
+            adaptive ``dopri5`` at ``rtol = atol = 1e-5``, loosened to ``1e-3`` for a solve
+            that is differentiated in training mode (``flow.train()`` with gradients on;
+            ``flow.eval()`` or ``torch.no_grad()`` give the accurate solve). It runs on
+            pyro_cnf's own Runge-Kutta; so do ``rk4``, ``midpoint``, ``euler`` and ``dopri5``
+            on a grid of ``steps`` (fifth-order steps, ``6 steps + 1`` evaluations). The
+            adjoint and every other method go to torchdiffeq.
         error_norm: ``"mixed"`` (torchdiffeq's RMS per state component, pooled over the
             batch) or ``"per_sample"`` (worst sample's RMS: a sample's log-density no
             longer depends on its batch-mates beyond the tolerance).
@@ -166,6 +169,8 @@ class ContinuousFlow(nn.Module):
         method: str = "dopri5",
         rtol: float = 1e-5,
         atol: float = 1e-5,
+        train_rtol: float | None = 1e-3,
+        train_atol: float | None = 1e-3,
         steps: int | None = None,
         adjoint: bool = False,
         options: Mapping[str, Any] | None = None,
@@ -179,7 +184,7 @@ class ContinuousFlow(nn.Module):
             raise TypeError(f"vector_field must be a callable module, got {type(vector_field).__name__}")
         self.vector_field = vector_field
         self._estimation = _Estimation(T, trace, noise, error_norm, regularize)
-        self.solver = Solver(method, rtol, atol, steps, adjoint, options or {}, adjoint_options, backend)
+        self.solver = Solver(method, rtol, atol, train_rtol, train_atol, steps, adjoint, options or {}, adjoint_options, backend)
         self._counter = Counter()
         self.nfe = 0
 
@@ -191,6 +196,8 @@ class ContinuousFlow(nn.Module):
     method = _setting("solver", "method")
     rtol = _setting("solver", "rtol")
     atol = _setting("solver", "atol")
+    train_rtol = _setting("solver", "train_rtol")
+    train_atol = _setting("solver", "train_atol")
     steps = _setting("solver", "steps")
     adjoint = _setting("solver", "adjoint")
     options = _setting("solver", "options")
@@ -232,10 +239,15 @@ class ContinuousFlow(nn.Module):
         """Whether a solve runs on :mod:`pyro_cnf.ode.rk` rather than torchdiffeq."""
         return self.solver.own
 
+    def _fitting(self) -> bool:
+        """Whether a solve now is differentiated for training (train mode, gradients on):
+        it then takes the solver's training tolerances and, with ``trace="auto"``, may
+        estimate the trace."""
+        return self.training and torch.is_grad_enabled()
+
     def trace_mode(self, dim: int) -> str:
         """The estimator a solve in dimension ``dim`` uses now: closed, exact or hutchinson."""
-        training = self.training and torch.is_grad_enabled()
-        return trace_mode(self.trace, self.vector_field, dim, training=training)
+        return trace_mode(self.trace, self.vector_field, dim, training=self._fitting())
 
     def forward(
         self,
@@ -287,6 +299,7 @@ class ContinuousFlow(nn.Module):
                 dynamics.error_norm(self.error_norm),
                 self._adjoint_params(context),
                 lambda reason: self._solver_error(dynamics, not reverse, f"adjoint (backward) solve: {reason}"),
+                training=self._fitting(),
             )
         except SolverError as error:
             raise self._solver_error(dynamics, reverse, str(error)) from None
@@ -341,10 +354,11 @@ class ContinuousFlow(nn.Module):
     def _solver_error(self, dynamics: Dynamics, reverse: bool, reason: str) -> SolverError:
         direction = "base -> data (t: T -> 0)" if reverse else "data -> base (t: 0 -> T)"
         reached = float("nan") if dynamics.t is None else float(dynamics.t.detach())
+        rtol, atol = self.solver.tolerances(self._fitting())
         return SolverError(
             f"ODE solve {direction} failed: {reason}; last t evaluated {reached:.4g}, "
-            f"{self._counter.nfe} function evaluations, method={self.method!r}, rtol={self.rtol}, "
-            f"atol={self.atol}. Try looser tolerances, regularize=True or weight decay to tame "
+            f"{self._counter.nfe} function evaluations, method={self.method!r}, rtol={rtol}, "
+            f"atol={atol}. Try looser tolerances, regularize=True or weight decay to tame "
             "the field, or a fixed-grid method (method='rk4', steps=8)."
         )
 

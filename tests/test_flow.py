@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from pyro_cnf import ACTIVATIONS, ContinuousFlow, ODENet
+from pyro_cnf import ACTIVATIONS, ContinuousFlow, ODENet, SolverError
 from pyro_cnf.trace import probe_noise
 from tests.fields import ClosedLinearField, LinearField, NoDivergence, random_matrix
 
-TIGHT = dict(rtol=1e-10, atol=1e-10)
+TIGHT = dict(rtol=1e-10, atol=1e-10, train_rtol=None, train_atol=None)  # as accurate in training
 
 
 def linear_flow(d=3, field=LinearField, T=1.0, **kw):
@@ -310,6 +310,58 @@ class TestSolver:
             torch.testing.assert_close(stats.kinetic_energy, kinetic)
             # Rademacher e: |e^T (aI)|^2 = a^2 d
             torch.testing.assert_close(stats.jacobian_norm, torch.full((6,), a**2 * d * T, dtype=torch.float64))
+
+
+class TestTrainingTolerance:
+    """A solve differentiated in training mode runs at the looser ``train_rtol``/``train_atol``;
+    ``eval()`` and ``no_grad()`` keep ``rtol``/``atol``."""
+
+    @staticmethod
+    def solves(flow, x):
+        """(map, NFE) of a training solve, a no-grad solve and an eval-mode solve."""
+        out = []
+        for mode, grad in (("train", True), ("train", False), ("eval", True)):
+            getattr(flow, mode)()
+            with torch.set_grad_enabled(grad):
+                z = flow(x)[0]
+            out.append((z.detach(), flow.nfe))
+        return out
+
+    def test_loose_and_cheap_in_training_accurate_otherwise(self):
+        A = random_matrix(3)
+        flow = ContinuousFlow(LinearField(A), trace="exact")  # the defaults: 1e-5, training 1e-3
+        x = torch.randn(64, 3, dtype=torch.float64)
+        exact = x @ torch.linalg.matrix_exp(A).t()
+        (z_train, nfe_train), (z_nograd, nfe_nograd), (z_eval, nfe_eval) = self.solves(flow, x)
+        assert nfe_train < nfe_nograd == nfe_eval
+        torch.testing.assert_close(z_nograd, z_eval, rtol=0, atol=0)
+        # Each accepted step's local error is at most atol + rtol |y| in the error norm (an RMS,
+        # so at most sqrt(numel) times that per entry), and the map is Lipschitz with constant
+        # exp(||A||): the global error is at most steps * that * exp(||A||) (dopri5: 6 NFE a step).
+        lipschitz = math.exp(torch.linalg.matrix_norm(A, 2))
+        scale = 1 + exact.abs().max()
+        for z, nfe, tol in ((z_train, nfe_train, 1e-3), (z_eval, nfe_eval, 1e-5)):
+            bound = (nfe / 6) * tol * scale * math.sqrt(x.numel()) * lipschitz
+            assert (z - exact).abs().max() <= bound
+        assert (z_eval - exact).abs().max() < (z_train - exact).abs().max()
+
+    def test_none_trains_at_rtol_and_never_tighter_than_rtol(self):
+        x = torch.randn(64, 3, dtype=torch.float64)
+        same = ContinuousFlow(LinearField(random_matrix(3)), train_rtol=None, train_atol=None)
+        (z_train, nfe_train), _, (z_eval, nfe_eval) = self.solves(same, x)
+        assert nfe_train == nfe_eval
+        torch.testing.assert_close(z_train, z_eval, rtol=0, atol=0)
+        loose = ContinuousFlow(LinearField(random_matrix(3)), rtol=1e-2, atol=1e-2)  # looser than training's
+        (_, nfe_train), _, (_, nfe_eval) = self.solves(loose, x)
+        assert nfe_train == nfe_eval
+
+    def test_a_training_solve_that_fails_names_its_tolerances(self):
+        flow = ContinuousFlow(LinearField(8 * random_matrix(3)), options={"max_num_steps": 2})
+        x = torch.randn(5, 3, dtype=torch.float64)
+        with pytest.raises(SolverError, match="rtol=0.001, atol=0.001"):
+            flow(x)
+        with pytest.raises(SolverError, match="rtol=1e-05, atol=1e-05"), torch.no_grad():
+            flow(x)
 
 
 class TestGradients:

@@ -146,7 +146,7 @@ class TestFlowBackends:
 def test_adjoint_backward_failure_raises_solver_error():
     torch.manual_seed(0)
     net = ODENet(2, (8, 8), zero_init=False)
-    flow = ContinuousFlow(net, adjoint=True, rtol=1e-8, atol=1e-8, adjoint_options={"max_num_steps": 2})
+    flow = ContinuousFlow(net, adjoint=True, rtol=1e-8, atol=1e-8, train_rtol=None, train_atol=None, adjoint_options={"max_num_steps": 2})
     z, ladj = flow(torch.randn(4, 2))
     with pytest.raises(SolverError, match=r"base -> data.*adjoint \(backward\) solve: max_num_steps exceeded"):
         ladj.sum().backward()

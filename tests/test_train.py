@@ -498,7 +498,7 @@ def test_adjoint_backward_failure_stops_or_skips(tmp_path):
     def failing_adjoint():
         torch.manual_seed(0)
         net = ODENet(2, (8, 8), zero_init=False)
-        return ContinuousFlow(net, adjoint=True, rtol=1e-7, atol=1e-7, adjoint_options={"max_num_steps": 2})
+        return ContinuousFlow(net, adjoint=True, rtol=1e-7, atol=1e-7, train_rtol=None, train_atol=None, adjoint_options={"max_num_steps": 2})
 
     trainer = Trainer(failing_adjoint(), gaussian_batches, checkpoint=Checkpointing(tmp_path / "c.pt"), disable=True)
     with pytest.raises(TrainingError, match="solver failed at step 0.*adjoint \\(backward\\) solve") as info:

@@ -45,6 +45,11 @@ class Solver:
             fixed-grid one (euler, midpoint, rk4, heun2, heun3, explicit_adams,
             implicit_adams, fixed_adams; these need ``steps`` or ``options["step_size"]``).
         rtol, atol: Tolerances of adaptive methods, finite and >= 0, not both 0.
+        train_rtol, train_atol: The tolerances of a solve that is differentiated for
+            training (:meth:`tolerances`); each is the looser of it and ``rtol``/``atol``.
+            A training loss averages over a batch and many steps, so it needs far less
+            accuracy than an evaluated log-density, and a looser solve takes fewer steps
+            (BENCHMARKS.md, "Training tolerance"). ``None`` trains at ``rtol``/``atol``.
         steps: Equal steps over the interval for a fixed-grid method; with the own dopri5,
             ``steps`` fixed fifth-order steps (``6 steps + 1`` evaluations).
         adjoint: Differentiate by ``odeint_adjoint`` (memory flat in the number of steps).
@@ -65,6 +70,8 @@ class Solver:
     method: str = "dopri5"
     rtol: float = 1e-5
     atol: float = 1e-5
+    train_rtol: float | None = 1e-3
+    train_atol: float | None = 1e-3
     steps: int | None = None
     adjoint: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -76,10 +83,12 @@ class Solver:
             raise ValueError(
                 f"unknown method {self.method!r}; expected one of {sorted(ADAPTIVE_METHODS | FIXED_METHODS)}"
             )
-        for name in ("rtol", "atol"):
+        for name in ("rtol", "atol", "train_rtol", "train_atol"):
             value = getattr(self, name)
+            if value is None and name.startswith("train"):
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"{name} must be a finite number >= 0{' or None' if name.startswith('train') else ''}, got {value!r}")
         if self.rtol == 0 and self.atol == 0:
             raise ValueError("rtol and atol are both 0: no step would ever be accepted")
         if self.backend not in BACKENDS:
@@ -127,6 +136,19 @@ class Solver:
             and set(self.options) <= OWN_OPTIONS
         )
 
+    def tolerances(self, training: bool = False) -> tuple[float, float]:
+        """``(rtol, atol)`` of a solve; ``training``: one differentiated for training.
+
+        Example:
+            >>> Solver().tolerances(), Solver().tolerances(training=True)
+            ((1e-05, 1e-05), (0.001, 0.001))
+            >>> Solver(rtol=1e-2, train_atol=None).tolerances(training=True)
+            (0.01, 1e-05)
+        """
+        if not training:
+            return self.rtol, self.atol
+        return max(self.rtol, self.train_rtol or 0.0), max(self.atol, self.train_atol or 0.0)
+
     @property
     def max_num_steps(self) -> int:
         return self.options.get("max_num_steps", DEFAULT_MAX_STEPS)
@@ -140,17 +162,19 @@ class Solver:
         norm: Callable[[Tensor], Tensor],
         adjoint_params: Sequence[Tensor] = (),
         describe_backward: Callable[[str], SolverError] | None = None,
+        training: bool = False,
     ) -> Tensor:
         """The state at ``t1`` of ``dy/dt = func(t, y)``, ``y(t0) = y0``, shaped like
         ``y0``. ``norm`` measures scaled local errors; the adjoint differentiates
         ``adjoint_params`` and reports a failed backward solve as
-        ``describe_backward(reason)``. Raises :class:`SolverError` when the solver gives up."""
+        ``describe_backward(reason)``; ``training`` selects :meth:`tolerances`. Raises
+        :class:`SolverError` when the solver gives up."""
+        rtol, atol = self.tolerances(training)
         if not self.own:
             from . import torchdiffeq
 
-            return torchdiffeq.solve(self, func, y0, t0, t1, norm, adjoint_params, describe_backward)
+            return torchdiffeq.solve(self, func, y0, t0, t1, norm, adjoint_params, describe_backward, rtol=rtol, atol=atol)
         if self.steps is not None or not self.adaptive:
             return rk.integrate_fixed(func, y0, t0, t1, method=self.method, steps=self.steps)
         options = {"max_num_steps": self.max_num_steps, **self.options}
-        return rk.integrate_adaptive(func, y0, t0, t1, method=self.method, rtol=self.rtol, atol=self.atol,
-                                     norm=norm, **options)
+        return rk.integrate_adaptive(func, y0, t0, t1, method=self.method, rtol=rtol, atol=atol, norm=norm, **options)

@@ -78,11 +78,15 @@ def solve(
     norm: Callable[[Tensor], Tensor],
     adjoint_params: Sequence[Tensor] = (),
     describe_backward: Callable[[str], SolverError] | None = None,
+    *,
+    rtol: float,
+    atol: float,
 ) -> Tensor:
     """The state at ``t1`` by ``odeint``, or by ``odeint_adjoint`` when ``solver.adjoint``
     (differentiating ``adjoint_params``; a failure of the backward solve raises
     ``describe_backward(reason)``). ``norm`` is the error norm of adaptive methods.
-    Raises :class:`SolverError` with torchdiffeq's reason when the forward solve fails."""
+    ``rtol``/``atol`` are :meth:`Solver.tolerances` of this solve. Raises
+    :class:`SolverError` with torchdiffeq's reason when the forward solve fails."""
     from torchdiffeq import odeint, odeint_adjoint
 
     t = torch.tensor([t0, t1], dtype=y0.dtype, device=y0.device)
@@ -92,7 +96,7 @@ def solve(
         # torchdiffeq's initial-step rule starts at 1e-6 when f is near zero, as every
         # new (identity) flow is: 44 evaluations instead of 13 for the first solves.
         options.setdefault("first_step", 0.1 * abs(t1 - t0))
-    kwargs: dict[str, Any] = dict(rtol=solver.rtol, atol=solver.atol, method=solver.method, options=options)
+    kwargs: dict[str, Any] = dict(rtol=rtol, atol=atol, method=solver.method, options=options)
     try:
         if not solver.adjoint:
             return odeint(func, y0, t, **kwargs)[-1]
