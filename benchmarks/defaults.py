@@ -1,8 +1,9 @@
 """Defaults study (issue 12): which ODENet field settings and learning rates learn fastest
 for a user who never changes a setting, across every use the package serves.
 
-A *config* names a field setting ``activation:init:time_gate_scale:hidden``, e.g.
-``tanh:zero:0.1:64x64`` (ODENet's defaults, :data:`DEFAULT`). ``init`` is ``zero`` (last
+A *config* names a field setting ``activation:init:time_gate_scale:hidden[:input_gain]``, e.g.
+``tanh:zero:0.1:64x64`` (ODENet's defaults, :data:`DEFAULT`) or ``silu:zero:0.1:128x128:4``
+(the Pyro guides' ``GUIDE_FIELD``). ``init`` is ``zero`` (last
 layer zeroed: the flow starts as the identity), ``torch`` (torch's default init) or
 ``small<f>`` (torch's init of the last layer scaled by ``f``, ``small`` = ``small0.1``). Every use is a function
 ``(config, lr, seed, ...) -> metrics``; the study applies the variants that ODENet does not
@@ -99,20 +100,22 @@ class Config:
     init: str = "zero"
     gate: float = 0.1
     hidden: tuple[int, ...] = (64, 64)
+    gain: float = 1.0
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        act, init, gate, hidden = (text.split(":") + ["", "", "", ""])[:4]
+        act, init, gate, hidden, gain = (text.split(":") + ["", "", "", "", ""])[:5]
         return cls(act or "softplus", init or "zero", float(gate or 0.1),
-                   tuple(int(h) for h in (hidden or "64x64").split("x")))
+                   tuple(int(h) for h in (hidden or "64x64").split("x")), float(gain or 1.0))
 
     @property
     def name(self) -> str:
-        return f"{self.activation}:{self.init}:{self.gate:g}:{'x'.join(map(str, self.hidden))}"
+        gain = f":{self.gain:g}" if self.gain != 1 else ""
+        return f"{self.activation}:{self.init}:{self.gate:g}:{'x'.join(map(str, self.hidden))}{gain}"
 
     def field(self, d: int, context_dim: int = 0, hidden: tuple[int, ...] | None = None) -> pyro_cnf.ODENet:
         net = pyro_cnf.ODENet(d, hidden or self.hidden, context_dim, activation=self.activation,
-                              zero_init=self.init == "zero", time_gate_scale=self.gate)
+                              zero_init=self.init == "zero", time_gate_scale=self.gate, input_gain=self.gain)
         if self.init.startswith("small"):
             factor = float(self.init[5:] or 0.1)
             with torch.no_grad():

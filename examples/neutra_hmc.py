@@ -103,7 +103,7 @@ def train_guide(dim: int, args: argparse.Namespace) -> tuple[AutoNormalizingFlow
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     target = partial(model, dim)
-    make = partial(pyro_cnf.cnf, hidden_dims=list(args.hidden), **parse_solver(args.train_solver))
+    make = partial(pyro_cnf.cnf, hidden_dims=args.hidden, **parse_solver(args.train_solver))
     guide = AutoNormalizingFlow(target, make)
     svi = SVI(target, guide, pyro.optim.ClippedAdam({"lr": args.lr, "lrd": args.lrd}),
               Trace_ELBO(num_particles=args.particles, vectorize_particles=True))
@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=2, help="the funnel's dimension D")
     parser.add_argument("--steps", type=int, default=1000, help="SVI steps for the CNF guide")
     parser.add_argument("--particles", type=int, default=32, help="ELBO particles per SVI step")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="the CNF field's widths")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None,
+                        help="the CNF field's widths (default: pyro_cnf.pyro.GUIDE_FIELD's)")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--lrd", type=float, default=None, help="per-step lr decay (default: to 1/10 over --steps)")
     parser.add_argument("--train-solver", default="dopri5", help="the CNF's solver during SVI (names as --solvers)")
@@ -223,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report("plain NUTS", result)
 
     guide, train_cpu_s = train_guide(args.dim, args)
+    guide.eval()  # NUTS differentiates through the flow but does not train it: no training tolerance
     metrics["guide_train_cpu_s"] = train_cpu_s
     flow = guide.transform.flow
     counter = count_solves(flow)

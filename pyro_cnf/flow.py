@@ -364,7 +364,7 @@ class ContinuousFlow(nn.Module):
 
 
 #: The :func:`default_flow` keywords that go to the :class:`~pyro_cnf.ODENet` field.
-FIELD_OPTIONS = frozenset({"activation", "zero_init", "time_gate_scale"})
+FIELD_OPTIONS = frozenset({"activation", "zero_init", "time_gate_scale", "input_gain"})
 
 
 def default_flow(
@@ -376,7 +376,7 @@ def default_flow(
     """A :class:`ContinuousFlow` over an :class:`~pyro_cnf.ODENet` field, as the adapters build it.
 
     ``hidden_dims`` defaults to ODENet's ``(64, 64)``; the :data:`FIELD_OPTIONS`
-    (``activation``, ``zero_init``, ``time_gate_scale``) go to the field, with ODENet's
+    (``activation``, ``zero_init``, ``time_gate_scale``, ``input_gain``) go to the field, with ODENet's
     defaults, and everything else to the flow.
 
     Example:

@@ -114,8 +114,9 @@ class ODENet(nn.Module):
     r"""Time-conditioned MLP field with concat-squash layers (Grathwohl et al., 2019).
 
     Every layer computes :math:`u = (W h + b) \odot \sigma(a t + g) + e t`: the time gate
-    scales each unit and the time shift moves it. Context, when given, is concatenated
-    to ``x`` at the input. The gate is folded into the weights once per evaluation
+    scales each unit and the time shift moves it (the first layer's gate is multiplied by
+    ``input_gain``). Context, when given, is concatenated to ``x`` at the input. The gate
+    is folded into the weights once per evaluation
     (:math:`W' = \mathrm{diag}(\sigma(a t + g)) W`), so the net costs one matmul per layer
     and its Jacobian is :math:`W'_{L+1} D_L W'_L \cdots D_1 W'_{1,x}` with
     :math:`D_l = \mathrm{diag}(s'(u_l))`.
@@ -145,6 +146,12 @@ class ODENet(nn.Module):
             nearly time-independent field; about ``10 / T`` makes a new field strongly
             time-dependent, which flow matching needs. An initialisation choice only: it
             is not part of the architecture checked when loading a ``state_dict``.
+        input_gain: A fixed factor on the first layer's pre-activations, ``c (W h + b)``.
+            Adam's steps do not depend on a parameter's scale, so the first layer starts
+            ``c`` times sharper and learns ``c`` times faster than the rest. The Pyro
+            guides use 16 (:data:`pyro_cnf.pyro.GUIDE_FIELD`): a guide of a funnel must learn
+            scales that depend on another coordinate, which the default 1 learns too
+            slowly (BENCHMARKS.md, "Guides").
 
     :meth:`jvp` gives :math:`J v` in forward mode (one extra matmul per layer), which makes
     Hutchinson's estimator and the RNODE Frobenius penalty free of autograd as well.
@@ -167,6 +174,7 @@ class ODENet(nn.Module):
         activation: str = "tanh",
         zero_init: bool = True,
         time_gate_scale: float = 0.1,
+        input_gain: float = 1.0,
     ) -> None:
         super().__init__()
         try:
@@ -175,6 +183,10 @@ class ODENet(nn.Module):
             gate_scale = math.nan
         if not (gate_scale >= 0 and math.isfinite(gate_scale)):
             raise ValueError(f"time_gate_scale must be a finite number >= 0, got {time_gate_scale!r}")
+        if isinstance(input_gain, bool) or not isinstance(input_gain, (int, float)) or not (
+            math.isfinite(input_gain) and input_gain > 0
+        ):
+            raise ValueError(f"input_gain must be a finite number > 0, got {input_gain!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if input_dim < 1 or context_dim < 0 or any(h < 1 for h in hidden_dims):
@@ -186,6 +198,7 @@ class ODENet(nn.Module):
         self.context_dim = context_dim
         self.hidden_dims = tuple(hidden_dims)
         self.activation = activation
+        self.input_gain = float(input_gain)
         self._act, self._act_grad = ACTIVATIONS[activation]
 
         sizes = (input_dim + context_dim, *self.hidden_dims, input_dim)
@@ -195,6 +208,11 @@ class ODENet(nn.Module):
         self.time_gate = nn.Parameter(torch.randn(width) * gate_scale)
         self.time_gate_bias = nn.Parameter(torch.zeros(width))
         self.time_shift = nn.Parameter(torch.zeros(width))
+        # The gain rides on the first layer's gates, W' = diag(c sigma(a t + g)) W: one
+        # multiply of a (width,) vector per evaluation, none without a gain.
+        gain = torch.ones(width)
+        gain[: sizes[1]] = self.input_gain
+        self.register_buffer("_gain", gain if self.input_gain != 1 else None, persistent=False)
         self._splits = sizes[1:]
         if zero_init:
             nn.init.zeros_(self.linears[-1].weight)
@@ -206,18 +224,25 @@ class ODENet(nn.Module):
             "context_dim": self.context_dim,
             "hidden_dims": self.hidden_dims,
             "activation": self.activation,
+            "input_gain": self.input_gain,
         }
 
     def set_extra_state(self, state: dict) -> None:
         """Refuse a checkpoint of another architecture with a message that names it."""
         mine = self.get_extra_state()
+        state = {"input_gain": 1.0, **state}  # checkpoints from before the gain had none
         diff = [f"{k}: checkpoint {state.get(k)!r}, this net {v!r}" for k, v in mine.items() if state.get(k) != v]
         if diff:
             raise ValueError("ODENet state_dict of a different configuration: " + "; ".join(diff))
 
+    def _gates(self, t: Tensor) -> Tensor:
+        """The gates of every unit at time ``t`` (0-d, or ``(N, 1)``), with the input gain."""
+        gate = torch.sigmoid(torch.addcmul(self.time_gate_bias, self.time_gate, t))
+        return gate if self._gain is None else gate * self._gain
+
     def _layers(self, t: Tensor) -> list[tuple[Tensor, Tensor]]:
         """The time-folded ``(W', b')`` of every layer at time ``t``."""
-        gate = torch.sigmoid(torch.addcmul(self.time_gate_bias, self.time_gate, t))
+        gate = self._gates(t)
         shift = self.time_shift * t
         return [
             (lin.weight * g.unsqueeze(-1), torch.addcmul(s, lin.bias, g))
@@ -243,7 +268,7 @@ class ODENet(nn.Module):
         if t.dim() == 0:
             return self._hidden(t, x, context)[0]
         t = t.reshape(-1, 1)
-        gates = torch.sigmoid(torch.addcmul(self.time_gate_bias, self.time_gate, t)).split(self._splits, -1)
+        gates = self._gates(t).split(self._splits, -1)
         shifts = (self.time_shift * t).split(self._splits, -1)
         h = x if context is None else torch.cat((x, context), dim=-1)
         for i, (lin, g, s) in enumerate(zip(self.linears, gates, shifts)):

@@ -22,7 +22,7 @@ from torch.distributions import Transform, constraints
 
 from .flow import ContinuousFlow, resolve_flow
 
-__all__ = ["CNF", "ConditionalCNF", "ConditionedCNF", "GUIDE_ACTIVATION", "cnf", "conditional_cnf"]
+__all__ = ["CNF", "ConditionalCNF", "ConditionedCNF", "GUIDE_FIELD", "cnf", "conditional_cnf"]
 
 
 class ConditionedCNF(Transform):
@@ -109,12 +109,16 @@ class ConditionedCNF(Transform):
         self._cached_ladj = None
 
 
-#: The default activation of :class:`CNF`'s field. :class:`CNF` is what
-#: ``AutoNormalizingFlow`` and NeuTra guides are made of, and a guide fit by reverse KL must
-#: stretch the base out to the posterior's tails (a funnel's scale), which bounded units
-#: cannot do far from the origin: ``silu`` grows linearly and wins every SVI target of the
-#: defaults study, while ``tanh``, ODENet's default, wins density fitting (BENCHMARKS.md).
-GUIDE_ACTIVATION = "silu"
+#: The field :class:`CNF` builds when it is given no ``flow`` (keywords of
+#: :func:`~pyro_cnf.default_flow`; ``hidden_dims`` and any of them may be passed instead).
+#: :class:`CNF` is what ``AutoNormalizingFlow`` and NeuTra guides are made of, and a guide fit
+#: by reverse KL must stretch the base out to the posterior's tails and learn scales that
+#: depend on other coordinates (a funnel's): ``silu`` units grow linearly where ``tanh``,
+#: ODENet's default for density fitting, saturates, and a first layer that starts sharper
+#: and learns faster (``input_gain``) with 128 units a layer finds the funnel's neck, which
+#: a 64x64 field with the default gain does not in 2000 steps at any learning rate tried
+#: (BENCHMARKS.md, "Guides").
+GUIDE_FIELD: dict[str, Any] = {"hidden_dims": (128, 128), "activation": "silu", "input_gain": 16.0}
 
 
 def _clear_cache_after_load(module: ConditionedCNF, incompatible_keys: Any) -> None:
@@ -126,9 +130,10 @@ class CNF(ConditionedCNF, TransformModule):
 
     Arguments:
         input_dim: The event dimension ``d``.
-        hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field.
+        hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field
+            (``None``: :data:`GUIDE_FIELD`'s ``(128, 128)``).
         flow: A :class:`~pyro_cnf.ContinuousFlow` to wrap instead of building one.
-        **flow_kwargs: ``activation`` (default :data:`GUIDE_ACTIVATION`, ``"silu"``),
+        **flow_kwargs: ``activation``, ``input_gain`` (defaults from :data:`GUIDE_FIELD`),
             ``zero_init`` and ``time_gate_scale`` for the field, the rest for
             :class:`~pyro_cnf.ContinuousFlow` (``trace``, ``method``, ``rtol``, ``adjoint``, ...).
 
@@ -145,14 +150,17 @@ class CNF(ConditionedCNF, TransformModule):
     def __init__(
         self,
         input_dim: int,
-        hidden_dims: Sequence[int] | None = (64, 64),
+        hidden_dims: Sequence[int] | None = None,
         *,
         flow: ContinuousFlow | None = None,
         cache_size: int = 1,
         **flow_kwargs: Any,
     ) -> None:
         if flow is None:
-            flow_kwargs = {"activation": GUIDE_ACTIVATION, **flow_kwargs}
+            field = dict(GUIDE_FIELD)
+            guide_hidden = field.pop("hidden_dims")
+            hidden_dims = guide_hidden if hidden_dims is None else hidden_dims
+            flow_kwargs = {**field, **flow_kwargs}
         super().__init__(resolve_flow(flow, input_dim, hidden_dims, 0, flow_kwargs), None, cache_size=cache_size)
         self.input_dim = input_dim
         self.register_load_state_dict_post_hook(_clear_cache_after_load)
@@ -199,7 +207,7 @@ class ConditionalCNF(ConditionalTransformModule):
 
 
 def cnf(input_dim: int, hidden_dims: Sequence[int] | None = None, **kwargs: Any) -> CNF:
-    """A :class:`CNF` in Pyro's factory manner; ``hidden_dims`` defaults to ``(64, 64)``.
+    """A :class:`CNF` in Pyro's factory manner; the field defaults to :data:`GUIDE_FIELD`.
 
     Example:
         >>> from functools import partial

@@ -58,3 +58,40 @@ def test_time_gate_scale_is_not_architecture():
 def test_bad_time_gate_scale_raises(bad):
     with pytest.raises(ValueError, match="time_gate_scale must be a finite number >= 0"):
         ODENet(2, (8,), time_gate_scale=bad)
+
+
+class TestInputGain:
+    """``input_gain`` c: the first layer computes c (W h + b), gated; everything else as is."""
+
+    @pytest.mark.parametrize("hidden", [(16,), (16, 16), (16, 16, 16)])
+    def test_is_the_first_layer_scaled_and_traced_exactly(self, hidden):
+        torch.manual_seed(0)
+        plain = ODENet(3, hidden, context_dim=2, zero_init=False).double()
+        gained = ODENet(3, hidden, context_dim=2, zero_init=False, input_gain=4.0).double()
+        gained.load_state_dict({**plain.state_dict(), "_extra_state": gained.get_extra_state()})
+        with torch.no_grad():  # the same map as the plain net with its first layer times 4
+            plain.linears[0].weight.mul_(4)
+            plain.linears[0].bias.mul_(4)
+        x, c, t = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64), torch.tensor(0.3)
+        t = t.double()
+        f, div = gained.divergence(t, x, c)
+        torch.testing.assert_close(f, plain(t, x, c))
+        torch.testing.assert_close(gained(t.expand(5), x, c), f)  # the per-row-time path too
+        jac = torch.stack([torch.autograd.functional.jacobian(lambda v: gained(t, v[None], c[i : i + 1])[0], x[i])
+                           for i in range(5)])
+        torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(-1))
+
+    def test_is_architecture_and_old_checkpoints_load_as_gain_one(self):
+        a = ODENet(2, (8, 8), input_gain=4.0)
+        with pytest.raises(ValueError, match="input_gain: checkpoint 4.0, this net 1.0"):
+            ODENet(2, (8, 8)).load_state_dict(a.state_dict())
+        old = ODENet(2, (8, 8)).state_dict()
+        del old["_extra_state"]["input_gain"]  # a checkpoint written before the option
+        ODENet(2, (8, 8)).load_state_dict(old)
+        with pytest.raises(ValueError, match="input_gain: checkpoint 1.0, this net 4.0"):
+            ODENet(2, (8, 8), input_gain=4.0).load_state_dict(old)
+
+    @pytest.mark.parametrize("bad", [0.0, -2.0, math.inf, math.nan, "4", True])
+    def test_bad_gain_raises(self, bad):
+        with pytest.raises(ValueError, match="input_gain must be a finite number > 0"):
+            ODENet(2, (8,), input_gain=bad)

@@ -234,13 +234,17 @@ class TestConditional:
 
 
 class TestFieldDefaults:
-    """The defaults study's choice (BENCHMARKS.md, "Defaults"): guides (``CNF``, ``cnf``) get
-    ``silu``, density fitting (ODENet, ``ConditionalCNF``, the nflows adapter) ``tanh``."""
+    """The defaults study's choice (BENCHMARKS.md, "Defaults", "Guides"): guides (``CNF``,
+    ``cnf``) get ``GUIDE_FIELD`` (silu, 128x128, input gain 16), density fitting (ODENet,
+    ``ConditionalCNF``, the nflows adapter) ``tanh`` at gain 1."""
 
-    def test_guides_default_to_silu(self):
-        assert pyro_cnf.pyro.GUIDE_ACTIVATION == "silu"
-        assert CNF(2).flow.vector_field.activation == "silu"
-        assert cnf(3, [8]).flow.vector_field.activation == "silu"
+    def test_guides_default_to_the_guide_field(self):
+        assert pyro_cnf.pyro.GUIDE_FIELD == {"hidden_dims": (128, 128), "activation": "silu", "input_gain": 16.0}
+        field = CNF(2).flow.vector_field
+        assert (field.hidden_dims, field.activation, field.input_gain) == ((128, 128), "silu", 16.0)
+        field = cnf(3, [8]).flow.vector_field  # other widths keep the rest of the guide field
+        assert (field.hidden_dims, field.activation, field.input_gain) == ((8,), "silu", 16.0)
+        assert ODENet(2).input_gain == pyro_cnf.CNFTransform(2).flow.vector_field.input_gain == 1.0
 
     def test_density_fields_default_to_tanh(self):
         assert ODENet(2).activation == "tanh"
@@ -249,6 +253,7 @@ class TestFieldDefaults:
 
     def test_explicit_settings_win(self):
         assert CNF(2, activation="tanh").flow.vector_field.activation == "tanh"
+        assert CNF(2, input_gain=1.0).flow.vector_field.input_gain == 1.0
         own = ContinuousFlow(ODENet(2, (8,), activation="elu"))
         assert CNF(2, flow=own).flow.vector_field.activation == "elu"
         with pytest.raises(ValueError, match="not both"):
