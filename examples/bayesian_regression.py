@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--features", type=int, default=10, help="use the first N of the 30 features")
     parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
     parser.add_argument("--hidden", type=int, nargs="+", default=None,
-                        help="CNF hidden widths (default: pyro_cnf.pyro.GUIDE_FIELD's)")
+                        help="CNF hidden widths (default: pyro_cnf.cnf's, 64 64)")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--tol", type=float, default=1e-3, help="CNF solver rtol = atol")
     parser.add_argument("--draws", type=int, default=1000, help="posterior draws from each guide")

@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=1000, help="SVI steps for the CNF guide")
     parser.add_argument("--particles", type=int, default=32, help="ELBO particles per SVI step")
     parser.add_argument("--hidden", type=int, nargs="+", default=None,
-                        help="the CNF field's widths (default: pyro_cnf.pyro.GUIDE_FIELD's)")
+                        help="the CNF field's widths (default: pyro_cnf.cnf's, 64 64)")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--lrd", type=float, default=None, help="per-step lr decay (default: to 1/10 over --steps)")
     parser.add_argument("--train-solver", default="dopri5", help="the CNF's solver during SVI (names as --solvers)")

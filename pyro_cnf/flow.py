@@ -184,7 +184,9 @@ class ContinuousFlow(nn.Module):
             raise TypeError(f"vector_field must be a callable module, got {type(vector_field).__name__}")
         self.vector_field = vector_field
         self._estimation = _Estimation(T, trace, noise, error_norm, regularize)
-        self.solver = Solver(method, rtol, atol, train_rtol, train_atol, steps, adjoint, options or {}, adjoint_options, backend)
+        self.solver = Solver(
+            method, rtol, atol, train_rtol, train_atol, steps, adjoint, options or {}, adjoint_options, backend
+        )
         self._counter = Counter()
         self.nfe = 0
 
@@ -375,9 +377,9 @@ def default_flow(
 ) -> ContinuousFlow:
     """A :class:`ContinuousFlow` over an :class:`~pyro_cnf.ODENet` field, as the adapters build it.
 
-    ``hidden_dims`` defaults to ODENet's ``(64, 64)``; the :data:`FIELD_OPTIONS`
-    (``activation``, ``zero_init``, ``time_gate_scale``, ``input_gain``) go to the field, with ODENet's
-    defaults, and everything else to the flow.
+    ``hidden_dims`` defaults to ODENet's ``(64, 64)``; the field options
+    (:data:`FIELD_OPTIONS`: ``activation``, ``zero_init``, ``time_gate_scale``,
+    ``input_gain``) go to the field, with ODENet's defaults, and everything else to the flow.
 
     Example:
         >>> flow = default_flow(3, (16,), activation="silu", method="rk4", steps=4)

@@ -35,8 +35,8 @@ class CNFTransform(Transform):
         hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field.
         context_dim: The context dimension for a conditional flow, or ``None``.
         flow: A :class:`~pyro_cnf.ContinuousFlow` to wrap instead of building one.
-        **flow_kwargs: ``activation``, ``zero_init`` and ``time_gate_scale`` for the
-            field (ODENet's defaults), the rest for :class:`~pyro_cnf.ContinuousFlow`.
+        **flow_kwargs: The field options of :func:`~pyro_cnf.default_flow` (ODENet's
+            defaults), the rest for :class:`~pyro_cnf.ContinuousFlow`.
 
     Example:
         >>> from nflows.distributions import StandardNormal

@@ -109,16 +109,14 @@ class ConditionedCNF(Transform):
         self._cached_ladj = None
 
 
-#: The field :class:`CNF` builds when it is given no ``flow`` (keywords of
-#: :func:`~pyro_cnf.default_flow`; ``hidden_dims`` and any of them may be passed instead).
-#: :class:`CNF` is what ``AutoNormalizingFlow`` and NeuTra guides are made of, and a guide fit
-#: by reverse KL must stretch the base out to the posterior's tails and learn scales that
-#: depend on other coordinates (a funnel's): ``silu`` units grow linearly where ``tanh``,
-#: ODENet's default for density fitting, saturates, and a first layer that starts sharper
-#: and learns faster (``input_gain``) with 128 units a layer finds the funnel's neck, which
-#: a 64x64 field with the default gain does not in 2000 steps at any learning rate tried
-#: (BENCHMARKS.md, "Guides").
-GUIDE_FIELD: dict[str, Any] = {"hidden_dims": (128, 128), "activation": "silu", "input_gain": 16.0}
+#: The field settings :class:`CNF` uses when it is given no ``flow`` (keywords of
+#: :func:`~pyro_cnf.default_flow`; any of them may be passed instead). :class:`CNF` is what
+#: ``AutoNormalizingFlow`` and NeuTra guides are made of, and a guide fit by reverse KL must
+#: stretch the base out to the posterior's tails and learn scales that depend on other
+#: coordinates (a funnel's): ``silu`` units grow linearly where ``tanh``, ODENet's default for
+#: density fitting, saturates, and a first layer that starts sharper and learns faster
+#: (``input_gain``) finds such scales in far fewer steps (BENCHMARKS.md, "Guides").
+GUIDE_FIELD: dict[str, Any] = {"activation": "silu", "input_gain": 16.0}
 
 
 def _clear_cache_after_load(module: ConditionedCNF, incompatible_keys: Any) -> None:
@@ -130,11 +128,10 @@ class CNF(ConditionedCNF, TransformModule):
 
     Arguments:
         input_dim: The event dimension ``d``.
-        hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field
-            (``None``: :data:`GUIDE_FIELD`'s ``(128, 128)``).
+        hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field.
         flow: A :class:`~pyro_cnf.ContinuousFlow` to wrap instead of building one.
-        **flow_kwargs: ``activation``, ``input_gain`` (defaults from :data:`GUIDE_FIELD`),
-            ``zero_init`` and ``time_gate_scale`` for the field, the rest for
+        **flow_kwargs: The field options of :func:`~pyro_cnf.default_flow` (defaults from
+            :data:`GUIDE_FIELD`, else ODENet's), the rest for
             :class:`~pyro_cnf.ContinuousFlow` (``trace``, ``method``, ``rtol``, ``adjoint``, ...).
 
     Example:
@@ -150,17 +147,14 @@ class CNF(ConditionedCNF, TransformModule):
     def __init__(
         self,
         input_dim: int,
-        hidden_dims: Sequence[int] | None = None,
+        hidden_dims: Sequence[int] | None = (64, 64),
         *,
         flow: ContinuousFlow | None = None,
         cache_size: int = 1,
         **flow_kwargs: Any,
     ) -> None:
         if flow is None:
-            field = dict(GUIDE_FIELD)
-            guide_hidden = field.pop("hidden_dims")
-            hidden_dims = guide_hidden if hidden_dims is None else hidden_dims
-            flow_kwargs = {**field, **flow_kwargs}
+            flow_kwargs = {**GUIDE_FIELD, **flow_kwargs}
         super().__init__(resolve_flow(flow, input_dim, hidden_dims, 0, flow_kwargs), None, cache_size=cache_size)
         self.input_dim = input_dim
         self.register_load_state_dict_post_hook(_clear_cache_after_load)
@@ -175,8 +169,8 @@ class ConditionalCNF(ConditionalTransformModule):
             the input's.
         hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field.
         flow: A conditional :class:`~pyro_cnf.ContinuousFlow` to wrap instead.
-        **flow_kwargs: ``activation`` (ODENet's default, for conditional density fitting),
-            ``zero_init`` and ``time_gate_scale`` for the field, the rest for
+        **flow_kwargs: The field options of :func:`~pyro_cnf.default_flow` (ODENet's
+            defaults, made for conditional density fitting), the rest for
             :class:`~pyro_cnf.ContinuousFlow`.
 
     Example:

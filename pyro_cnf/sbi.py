@@ -128,8 +128,8 @@ def build_cnf_estimator(
             with the flow. Identity when ``None``.
         flow: A conditional :class:`~pyro_cnf.ContinuousFlow` to use instead of building one
             (its context size must match).
-        **kwargs: ``activation``, ``zero_init`` and ``time_gate_scale`` for the field; the
-            rest (``method``, ``rtol``, ``steps``, ...) for the flow.
+        **kwargs: The field options of :func:`~pyro_cnf.default_flow`; the rest
+            (``method``, ``rtol``, ``steps``, ...) for the flow.
 
     Returns:
         sbi's ``NFlowsFlow`` around a :class:`~pyro_cnf.CNFFlow` whose transform is

@@ -235,13 +235,13 @@ class TestConditional:
 
 class TestFieldDefaults:
     """The defaults study's choice (BENCHMARKS.md, "Defaults", "Guides"): guides (``CNF``,
-    ``cnf``) get ``GUIDE_FIELD`` (silu, 128x128, input gain 16), density fitting (ODENet,
+    ``cnf``) get ``GUIDE_FIELD`` (silu, input gain 16), density fitting (ODENet,
     ``ConditionalCNF``, the nflows adapter) ``tanh`` at gain 1."""
 
     def test_guides_default_to_the_guide_field(self):
-        assert pyro_cnf.pyro.GUIDE_FIELD == {"hidden_dims": (128, 128), "activation": "silu", "input_gain": 16.0}
+        assert pyro_cnf.pyro.GUIDE_FIELD == {"activation": "silu", "input_gain": 16.0}
         field = CNF(2).flow.vector_field
-        assert (field.hidden_dims, field.activation, field.input_gain) == ((128, 128), "silu", 16.0)
+        assert (field.hidden_dims, field.activation, field.input_gain) == ((64, 64), "silu", 16.0)
         field = cnf(3, [8]).flow.vector_field  # other widths keep the rest of the guide field
         assert (field.hidden_dims, field.activation, field.input_gain) == ((8,), "silu", 16.0)
         assert ODENet(2).input_gain == pyro_cnf.CNFTransform(2).flow.vector_field.input_gain == 1.0
