@@ -19,7 +19,7 @@ once per ``--solvers`` setting, each a name of the form
 * ``dopri5x2``: dopri5 on a fixed grid of 2 steps (13 evaluations).
 
 A fixed grid makes ``T`` one fixed differentiable map with a cost known in advance
-(measured, see the README: ``rk4x4`` kept the smallest log-det error on both seeds). Its
+(measured, see the README: ``rk4x4`` is the grid whose log-det error stayed small on both seeds). Its
 log-determinant is integrated along the same steps, so it is the exact one only up to the
 grid's error, and the chain's target is off by ``exp(error)``: each NeuTra run reports that
 error at its draws (``logdet_error``, against autograd's Jacobian of the map it computed).
