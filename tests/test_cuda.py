@@ -48,10 +48,12 @@ def test_log_prob_and_gradients_agree_with_the_cpu():
     flow = ContinuousFlow(ODENet(2, (32, 32), zero_init=False, input_gain=4.0)).double()
     gpu = copy.deepcopy(flow).to(CUDA)
     x = torch.randn(128, 2, dtype=torch.float64)
-    flow.eval(), gpu.eval()
+    flow.eval()
+    gpu.eval()
     lp, lp_gpu = flow.log_prob(x), gpu.log_prob(x.to(CUDA))
     torch.testing.assert_close(lp_gpu.cpu(), lp, rtol=1e-7, atol=1e-7)
-    lp.sum().backward(), lp_gpu.sum().backward()
+    lp.sum().backward()
+    lp_gpu.sum().backward()
     for p, q in zip(flow.parameters(), gpu.parameters()):
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-6, atol=1e-6)
 

@@ -83,12 +83,12 @@ class Solver:
             raise ValueError(
                 f"unknown method {self.method!r}; expected one of {sorted(ADAPTIVE_METHODS | FIXED_METHODS)}"
             )
-        for name in ("rtol", "atol", "train_rtol", "train_atol"):
+        for name, allowed in (("rtol", ""), ("atol", ""), ("train_rtol", " or None"), ("train_atol", " or None")):
             value = getattr(self, name)
-            if value is None and name.startswith("train"):
+            if value is None and allowed:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0{' or None' if name.startswith('train') else ''}, got {value!r}")
+                raise ValueError(f"{name} must be a finite number >= 0{allowed}, got {value!r}")
         if self.rtol == 0 and self.atol == 0:
             raise ValueError("rtol and atol are both 0: no step would ever be accepted")
         if self.backend not in BACKENDS:
