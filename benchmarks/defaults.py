@@ -101,21 +101,27 @@ class Config:
     gate: float = 0.1
     hidden: tuple[int, ...] = (64, 64)
     gain: float = 1.0
+    time_gain: float = 1.0
+    hidden_gain: float = 1.0
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        act, init, gate, hidden, gain = (text.split(":") + ["", "", "", "", ""])[:5]
+        act, init, gate, hidden, *gains = (text.split(":") + [""] * 7)[:7]
         return cls(act or "softplus", init or "zero", float(gate or 0.1),
-                   tuple(int(h) for h in (hidden or "64x64").split("x")), float(gain or 1.0))
+                   tuple(int(h) for h in (hidden or "64x64").split("x")), *(float(g or 1.0) for g in gains))
 
     @property
     def name(self) -> str:
-        gain = f":{self.gain:g}" if self.gain != 1 else ""
-        return f"{self.activation}:{self.init}:{self.gate:g}:{'x'.join(map(str, self.hidden))}{gain}"
+        gains = (self.gain, self.time_gain, self.hidden_gain)
+        while gains and gains[-1] == 1:  # trailing gains of 1 are left out
+            gains = gains[:-1]
+        gains = "".join(f":{g:g}" for g in gains)
+        return f"{self.activation}:{self.init}:{self.gate:g}:{'x'.join(map(str, self.hidden))}{gains}"
 
     def field(self, d: int, context_dim: int = 0, hidden: tuple[int, ...] | None = None) -> pyro_cnf.ODENet:
         net = pyro_cnf.ODENet(d, hidden or self.hidden, context_dim, activation=self.activation,
-                              zero_init=self.init == "zero", time_gate_scale=self.gate, input_gain=self.gain)
+                              zero_init=self.init == "zero", time_gate_scale=self.gate, input_gain=self.gain,
+                              time_gain=self.time_gain, hidden_gain=self.hidden_gain)
         if self.init.startswith("small"):
             factor = float(self.init[5:] or 0.1)
             with torch.no_grad():

@@ -366,7 +366,7 @@ class ContinuousFlow(nn.Module):
 
 
 #: The :func:`default_flow` keywords that go to the :class:`~pyro_cnf.ODENet` field.
-FIELD_OPTIONS = frozenset({"activation", "zero_init", "time_gate_scale", "input_gain"})
+FIELD_OPTIONS = frozenset({"activation", "zero_init", "time_gate_scale", "input_gain", "time_gain", "hidden_gain"})
 
 
 def default_flow(

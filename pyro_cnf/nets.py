@@ -113,9 +113,11 @@ def _trace_costs(
 class ODENet(nn.Module):
     r"""Time-conditioned MLP field with concat-squash layers (Grathwohl et al., 2019).
 
-    Every layer computes :math:`u = (W h + b) \odot \sigma(a t + g) + e t`: the time gate
-    scales each unit and the time shift moves it (the first layer's gate is multiplied by
-    ``input_gain``). Context, when given, is concatenated to ``x`` at the input. The gate
+    Every layer computes :math:`u = c_l (W h + b) \odot \sigma(c_t (a t + g)) + c_t e t`:
+    the time gate scales each unit and the time shift moves it; the gains :math:`c_l`
+    (``input_gain`` on the first layer, ``hidden_gain`` on the others but the last, 1 there)
+    and :math:`c_t` (``time_gain``) are fixed factors. Context, when given, is concatenated
+    to ``x`` at the input. The gate
     is folded into the weights once per evaluation
     (:math:`W' = \mathrm{diag}(\sigma(a t + g)) W`), so the net costs one matmul per layer
     and its Jacobian is :math:`W'_{L+1} D_L W'_L \cdots D_1 W'_{1,x}` with
@@ -148,10 +150,22 @@ class ODENet(nn.Module):
             is not part of the architecture checked when loading a ``state_dict``.
         input_gain: A fixed factor on the first layer's pre-activations, ``c (W h + b)``.
             Adam's steps do not depend on a parameter's scale, so the first layer starts
-            ``c`` times sharper and learns ``c`` times faster than the rest. The Pyro
-            guides use 16 (:data:`pyro_cnf.pyro.GUIDE_FIELD`): a guide of a funnel must learn
-            scales that depend on another coordinate, which the default 1 learns too
-            slowly (BENCHMARKS.md, "Guides").
+            ``c`` times sharper and learns ``c`` times faster than the rest: its fan-in is
+            only ``d`` (plus the context), and at gain 1 it learns too slowly to find sharp
+            features (a checkerboard's edges) or scales that depend on another coordinate
+            (a funnel's).
+        time_gain: A fixed factor on the time parameters ``a``, ``g`` and ``e``, which are
+            stored divided by it: a new field is the same map at any time gain, but under
+            Adam its dependence on ``t`` learns ``time_gain`` times faster.
+        hidden_gain: The same for the weights and biases of the hidden-to-hidden layers
+            (stored divided by it: the same new map, learning ``hidden_gain`` times
+            faster). The three gains' defaults (16, 10, 4) won the defaults study at every
+            use of a density field, at the learning rates users bring (Adam 5e-4 to 1e-2):
+            maximum likelihood at equal steps and CPU time, flow matching, the conditional
+            estimator; Pyro's guides keep time and hidden gains of 1
+            (:data:`pyro_cnf.pyro.GUIDE_FIELD`), which SVI's noisier gradients need at
+            lr >= 5e-3 (BENCHMARKS.md, "Gains"). Gains are part of the architecture that
+            ``load_state_dict`` checks.
 
     :meth:`jvp` gives :math:`J v` in forward mode (one extra matmul per layer), which makes
     Hutchinson's estimator and the RNODE Frobenius penalty free of autograd as well.
@@ -174,7 +188,9 @@ class ODENet(nn.Module):
         activation: str = "tanh",
         zero_init: bool = True,
         time_gate_scale: float = 0.1,
-        input_gain: float = 1.0,
+        input_gain: float = 16.0,
+        time_gain: float = 10.0,
+        hidden_gain: float = 4.0,
     ) -> None:
         super().__init__()
         try:
@@ -183,10 +199,9 @@ class ODENet(nn.Module):
             gate_scale = math.nan
         if not (gate_scale >= 0 and math.isfinite(gate_scale)):
             raise ValueError(f"time_gate_scale must be a finite number >= 0, got {time_gate_scale!r}")
-        if isinstance(input_gain, bool) or not isinstance(input_gain, (int, float)) or not (
-            math.isfinite(input_gain) and input_gain > 0
-        ):
-            raise ValueError(f"input_gain must be a finite number > 0, got {input_gain!r}")
+        for name, gain in (("input_gain", input_gain), ("time_gain", time_gain), ("hidden_gain", hidden_gain)):
+            if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not (math.isfinite(gain) and gain > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {gain!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if input_dim < 1 or context_dim < 0 or any(h < 1 for h in hidden_dims):
@@ -199,20 +214,29 @@ class ODENet(nn.Module):
         self.hidden_dims = tuple(hidden_dims)
         self.activation = activation
         self.input_gain = float(input_gain)
+        self.time_gain = float(time_gain)
+        self.hidden_gain = float(hidden_gain)
         self._act, self._act_grad = ACTIVATIONS[activation]
 
         sizes = (input_dim + context_dim, *self.hidden_dims, input_dim)
         self.linears = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
         # One gate/shift row per unit of every layer, evaluated together once per call.
         width = sum(sizes[1:])
-        self.time_gate = nn.Parameter(torch.randn(width) * gate_scale)
+        # stored divided by the time gain: the field starts the same at any gain
+        self.time_gate = nn.Parameter(torch.randn(width) * (gate_scale / self.time_gain))
         self.time_gate_bias = nn.Parameter(torch.zeros(width))
         self.time_shift = nn.Parameter(torch.zeros(width))
-        # The gain rides on the first layer's gates, W' = diag(c sigma(a t + g)) W: one
-        # multiply of a (width,) vector per evaluation, none without a gain.
+        # The gains ride on the gates, W' = diag(c sigma(a t + g)) W: one multiply of a
+        # (width,) vector per evaluation, none without a gain.
         gain = torch.ones(width)
         gain[: sizes[1]] = self.input_gain
-        self.register_buffer("_gain", gain if self.input_gain != 1 else None, persistent=False)
+        gain[sizes[1] : width - input_dim] = self.hidden_gain
+        gained = self.input_gain != 1 or self.hidden_gain != 1
+        self.register_buffer("_gain", gain if gained else None, persistent=False)
+        with torch.no_grad():  # stored divided by the hidden gain: the field starts the same
+            for linear in self.linears[1:-1]:
+                linear.weight.div_(self.hidden_gain)
+                linear.bias.div_(self.hidden_gain)
         self._splits = sizes[1:]
         if zero_init:
             nn.init.zeros_(self.linears[-1].weight)
@@ -225,25 +249,34 @@ class ODENet(nn.Module):
             "hidden_dims": self.hidden_dims,
             "activation": self.activation,
             "input_gain": self.input_gain,
+            "time_gain": self.time_gain,
+            "hidden_gain": self.hidden_gain,
         }
 
     def set_extra_state(self, state: dict) -> None:
         """Refuse a checkpoint of another architecture with a message that names it."""
         mine = self.get_extra_state()
-        state = {"input_gain": 1.0, **state}  # checkpoints from before the gain had none
+        state = {"input_gain": 1.0, "time_gain": 1.0, "hidden_gain": 1.0, **state}  # checkpoints from before the gains had none
         diff = [f"{k}: checkpoint {state.get(k)!r}, this net {v!r}" for k, v in mine.items() if state.get(k) != v]
         if diff:
-            raise ValueError("ODENet state_dict of a different configuration: " + "; ".join(diff))
+            raise ValueError(
+                "ODENet state_dict of a different configuration: " + "; ".join(diff)
+                + ". Build the ODENet with the checkpoint's settings (one written before the gains"
+                " existed has input_gain=1.0, time_gain=1.0, hidden_gain=1.0)"
+            )
 
-    def _gates(self, t: Tensor) -> Tensor:
-        """The gates of every unit at time ``t`` (0-d, or ``(N, 1)``), with the input gain."""
-        gate = torch.sigmoid(torch.addcmul(self.time_gate_bias, self.time_gate, t))
-        return gate if self._gain is None else gate * self._gain
+    def _time(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The gates, with the input gain, and the shifts of every unit at time ``t`` (0-d,
+        or ``(N, 1)``): :math:`\\sigma(c_t (a t + g))` and :math:`c_t e t`."""
+        bias = self.time_gate_bias
+        if self.time_gain != 1:
+            t, bias = t * self.time_gain, bias * self.time_gain
+        gate = torch.sigmoid(torch.addcmul(bias, self.time_gate, t))
+        return gate if self._gain is None else gate * self._gain, self.time_shift * t
 
     def _layers(self, t: Tensor) -> list[tuple[Tensor, Tensor]]:
         """The time-folded ``(W', b')`` of every layer at time ``t``."""
-        gate = self._gates(t)
-        shift = self.time_shift * t
+        gate, shift = self._time(t)
         return [
             (lin.weight * g.unsqueeze(-1), torch.addcmul(s, lin.bias, g))
             for lin, g, s in zip(
@@ -268,8 +301,7 @@ class ODENet(nn.Module):
         if t.dim() == 0:
             return self._hidden(t, x, context)[0]
         t = t.reshape(-1, 1)
-        gates = self._gates(t).split(self._splits, -1)
-        shifts = (self.time_shift * t).split(self._splits, -1)
+        gates, shifts = (part.split(self._splits, -1) for part in self._time(t))
         h = x if context is None else torch.cat((x, context), dim=-1)
         for i, (lin, g, s) in enumerate(zip(self.linears, gates, shifts)):
             h = torch.addcmul(s, lin(h), g)

@@ -116,7 +116,7 @@ class ConditionedCNF(Transform):
 #: coordinates (a funnel's): ``silu`` units grow linearly where ``tanh``, ODENet's default for
 #: density fitting, saturates, and a first layer that starts sharper and learns faster
 #: (``input_gain``) finds such scales in far fewer steps (BENCHMARKS.md, "Guides").
-GUIDE_FIELD: dict[str, Any] = {"activation": "silu", "input_gain": 16.0}
+GUIDE_FIELD: dict[str, Any] = {"activation": "silu", "input_gain": 16.0, "time_gain": 1.0, "hidden_gain": 1.0}
 
 
 def _clear_cache_after_load(module: ConditionedCNF, incompatible_keys: Any) -> None:

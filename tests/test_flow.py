@@ -373,7 +373,7 @@ class TestGradients:
         ctx = torch.randn(10, 1, dtype=torch.float64, requires_grad=True)
         grads = []
         for adjoint in (False, True):
-            flow = ContinuousFlow(net, trace=trace, adjoint=adjoint, rtol=1e-9, atol=1e-9)
+            flow = ContinuousFlow(net, trace=trace, adjoint=adjoint, rtol=1e-9, atol=1e-9, train_rtol=None, train_atol=None)
             torch.manual_seed(3)  # same Hutchinson probes
             z, ladj = flow(x, ctx)
             loss = (ladj - 0.5 * z.pow(2).sum(-1)).sum()
@@ -423,4 +423,8 @@ def test_deepcopy_after_a_call_with_gradients(regularize):
     (ladj.sum() + (stats.kinetic_energy.sum() if regularize else 0)).backward()
     twin = copy.deepcopy(flow)
     x, c = torch.randn(3, 2), torch.randn(3, 1)
-    torch.testing.assert_close(twin(x, c), flow(x, c))
+    outputs = []
+    for module in (twin, flow):
+        torch.manual_seed(1)  # the same RNODE probes
+        outputs.append(module(x, c))
+    torch.testing.assert_close(*outputs)

@@ -1,4 +1,5 @@
-"""ODENet's constructor options that are not covered with the flow: the time-gate init."""
+"""ODENet's constructor options that are not covered with the flow: the time-gate init and
+the gains."""
 
 import math
 
@@ -12,7 +13,7 @@ from pyro_cnf import ODENet
 def test_time_gate_slopes_have_the_requested_std(scale):
     torch.manual_seed(0)
     net = ODENet(2, (512, 512), time_gate_scale=scale)
-    gate = net.time_gate.detach()
+    gate = net.time_gate.detach() * net.time_gain  # stored divided by the time gain
     assert gate.numel() == 512 + 512 + 2
     assert gate.std().item() == pytest.approx(scale, rel=0.1, abs=1e-12)
     assert gate.mean().abs().item() <= 0.15 * scale + 1e-12
@@ -21,16 +22,19 @@ def test_time_gate_slopes_have_the_requested_std(scale):
 
 
 def test_default_init_is_unchanged():
-    # The default draws exactly what ODENet drew before the argument existed.
+    # The default draws exactly what ODENet drew before the arguments existed: torch's
+    # linear layers, then the slopes; the time and hidden gains only divide what is stored.
     torch.manual_seed(3)
-    net = ODENet(3, (8, 8))
+    net = ODENet(3, (8, 8), zero_init=False)
     torch.manual_seed(3)
-    again = ODENet(3, (8, 8), time_gate_scale=0.1)
+    again = ODENet(3, (8, 8), zero_init=False, time_gate_scale=0.1)
     assert torch.equal(net.time_gate, again.time_gate)
     torch.manual_seed(3)
-    for lin in net.linears:  # the same stream: the linear layers are drawn first
-        torch.nn.Linear(lin.in_features, lin.out_features)
-    assert torch.equal(net.time_gate.detach(), torch.randn(8 + 8 + 3) * 0.1)
+    drawn = [torch.nn.Linear(lin.in_features, lin.out_features) for lin in net.linears]
+    torch.testing.assert_close(net.time_gate.detach() * net.time_gain, torch.randn(8 + 8 + 3) * 0.1)
+    torch.testing.assert_close(net.linears[1].weight.detach() * net.hidden_gain, drawn[1].weight.detach())
+    for i in (0, 2):
+        assert torch.equal(net.linears[i].weight, drawn[i].weight)
 
 
 def test_steep_gates_make_a_new_field_time_dependent():
@@ -66,7 +70,7 @@ class TestInputGain:
     @pytest.mark.parametrize("hidden", [(16,), (16, 16), (16, 16, 16)])
     def test_is_the_first_layer_scaled_and_traced_exactly(self, hidden):
         torch.manual_seed(0)
-        plain = ODENet(3, hidden, context_dim=2, zero_init=False).double()
+        plain = ODENet(3, hidden, context_dim=2, zero_init=False, input_gain=1.0).double()
         gained = ODENet(3, hidden, context_dim=2, zero_init=False, input_gain=4.0).double()
         gained.load_state_dict({**plain.state_dict(), "_extra_state": gained.get_extra_state()})
         with torch.no_grad():  # the same map as the plain net with its first layer times 4
@@ -81,17 +85,74 @@ class TestInputGain:
                            for i in range(5)])
         torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(-1))
 
-    def test_is_architecture_and_old_checkpoints_load_as_gain_one(self):
-        a = ODENet(2, (8, 8), input_gain=4.0)
-        with pytest.raises(ValueError, match="input_gain: checkpoint 4.0, this net 1.0"):
-            ODENet(2, (8, 8)).load_state_dict(a.state_dict())
-        old = ODENet(2, (8, 8)).state_dict()
-        del old["_extra_state"]["input_gain"]  # a checkpoint written before the option
-        ODENet(2, (8, 8)).load_state_dict(old)
-        with pytest.raises(ValueError, match="input_gain: checkpoint 1.0, this net 4.0"):
-            ODENet(2, (8, 8), input_gain=4.0).load_state_dict(old)
 
+class TestGains:
+    """``time_gain`` and ``hidden_gain``: the same new map, learning faster under Adam; all
+    three gains are architecture."""
+
+    ONES = dict(input_gain=1.0, time_gain=1.0, hidden_gain=1.0)
+
+    @pytest.mark.parametrize("hidden", [(16,), (16, 16), (16, 16, 16)])
+    def test_do_not_change_a_new_map(self, hidden):
+        x, c = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+        t = torch.tensor(0.7, dtype=torch.float64)
+        outputs = []
+        for gains in ({"time_gain": 1.0, "hidden_gain": 1.0}, {"time_gain": 7.0, "hidden_gain": 3.0}):
+            torch.manual_seed(0)
+            net = ODENet(3, hidden, context_dim=2, zero_init=False, time_gate_scale=3.0, **gains).double()
+            outputs.append((*net.divergence(t, x, c), net(t.expand(5), x, c)))
+        for a, b in zip(*outputs):
+            torch.testing.assert_close(a, b)
+
+    @pytest.mark.parametrize("hidden", [(16,), (16, 16), (16, 16, 16)])
+    def test_trained_parameters_are_traced_exactly(self, hidden):
+        torch.manual_seed(0)
+        net = ODENet(3, hidden, context_dim=2, zero_init=False).double()
+        with torch.no_grad():  # away from the initial gates and shifts
+            net.time_gate_bias.normal_(std=0.1)
+            net.time_shift.normal_(std=0.1)
+        x, c = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+        t = torch.tensor(0.3, dtype=torch.float64)
+        f, div = net.divergence(t, x, c)
+        torch.testing.assert_close(net(t.expand(5), x, c), f)
+        jac = torch.stack([torch.autograd.functional.jacobian(lambda v: net(t, v[None], c[i : i + 1])[0], x[i])
+                           for i in range(5)])
+        torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(-1))
+
+    def test_one_adam_step_moves_the_effective_parameters_gain_times_lr(self):
+        # Adam's first step moves every stored parameter by lr (times the sign of its
+        # gradient), so an effective parameter c * p moves by c * lr.
+        torch.manual_seed(0)
+        net = ODENet(2, (8, 8), zero_init=False, time_gain=10.0, hidden_gain=4.0).double()
+
+        def effective():
+            return (net.time_gate * 10, net.time_gate_bias * 10, net.time_shift * 10, net.linears[1].weight * 4,
+                    net.linears[0].weight, net.linears[2].weight)
+
+        before = [p.detach().clone() for p in effective()]
+        lr = 1e-3
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr, eps=1e-30)
+        x, t = torch.randn(64, 2, dtype=torch.float64), torch.rand(64, dtype=torch.float64)
+        net(t, x).pow(3).sum().backward()
+        optimizer.step()
+        for now, was, gain in zip(effective(), before, (10, 10, 10, 4, 1, 1)):
+            moved = (now.detach() - was).abs()
+            torch.testing.assert_close(moved[moved > 0], torch.full_like(moved[moved > 0], gain * lr))
+
+    def test_are_architecture_and_old_checkpoints_load_as_gains_one(self):
+        for name in self.ONES:
+            a = ODENet(2, (8, 8), **{**self.ONES, name: 4.0})
+            with pytest.raises(ValueError, match=f"{name}: checkpoint 4.0, this net 1.0"):
+                ODENet(2, (8, 8), **self.ONES).load_state_dict(a.state_dict())
+        old = ODENet(2, (8, 8), **self.ONES).state_dict()
+        for name in self.ONES:  # a checkpoint written before the options
+            del old["_extra_state"][name]
+        ODENet(2, (8, 8), **self.ONES).load_state_dict(old)
+        with pytest.raises(ValueError, match="input_gain: checkpoint 1.0, this net 16.0.*input_gain=1.0, time_gain"):
+            ODENet(2, (8, 8)).load_state_dict(old)
+
+    @pytest.mark.parametrize("name", ["input_gain", "time_gain", "hidden_gain"])
     @pytest.mark.parametrize("bad", [0.0, -2.0, math.inf, math.nan, "4", True])
-    def test_bad_gain_raises(self, bad):
-        with pytest.raises(ValueError, match="input_gain must be a finite number > 0"):
-            ODENet(2, (8,), input_gain=bad)
+    def test_bad_gain_raises(self, name, bad):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number > 0"):
+            ODENet(2, (8,), **{name: bad})

@@ -131,7 +131,7 @@ class TestTraceFreeSampling:
             torch.testing.assert_close(x, t.flow(t._cached_x_y[0], reverse=True)[0], atol=1e-4, rtol=1e-4)
 
     def test_log_prob_of_a_sample_is_one_more_solve_and_equals_the_fresh_one(self, monkeypatch):
-        flow = small_cnf(rtol=1e-10, atol=1e-10).double()
+        flow = small_cnf(rtol=1e-10, atol=1e-10, train_rtol=None, train_atol=None).double()
         t = CNF(2, flow=flow)
         d = dist.TransformedDistribution(base(2, torch.float64), [t])
         counter = SolveCounter(flow, monkeypatch)
@@ -236,15 +236,19 @@ class TestConditional:
 class TestFieldDefaults:
     """The defaults study's choice (BENCHMARKS.md, "Defaults", "Guides"): guides (``CNF``,
     ``cnf``) get ``GUIDE_FIELD`` (silu, input gain 16), density fitting (ODENet,
-    ``ConditionalCNF``, the nflows adapter) ``tanh`` at gain 1."""
+    ``ConditionalCNF``, the nflows adapter) ``tanh`` with ODENet's gains (16, 10, 4)."""
 
     def test_guides_default_to_the_guide_field(self):
-        assert pyro_cnf.pyro.GUIDE_FIELD == {"activation": "silu", "input_gain": 16.0}
-        field = CNF(2).flow.vector_field
-        assert (field.hidden_dims, field.activation, field.input_gain) == ((64, 64), "silu", 16.0)
-        field = cnf(3, [8]).flow.vector_field  # other widths keep the rest of the guide field
-        assert (field.hidden_dims, field.activation, field.input_gain) == ((8,), "silu", 16.0)
-        assert ODENet(2).input_gain == pyro_cnf.CNFTransform(2).flow.vector_field.input_gain == 1.0
+        def settings(field):
+            return field.hidden_dims, field.activation, field.input_gain, field.time_gain, field.hidden_gain
+
+        assert pyro_cnf.pyro.GUIDE_FIELD == {"activation": "silu", "input_gain": 16.0, "time_gain": 1.0,
+                                             "hidden_gain": 1.0}
+        assert settings(CNF(2).flow.vector_field) == ((64, 64), "silu", 16.0, 1.0, 1.0)
+        # other widths keep the rest of the guide field
+        assert settings(cnf(3, [8]).flow.vector_field) == ((8,), "silu", 16.0, 1.0, 1.0)
+        for field in (ODENet(2), pyro_cnf.CNFTransform(2).flow.vector_field, ConditionalCNF(2, 1).flow.vector_field):
+            assert settings(field) == ((64, 64), "tanh", 16.0, 10.0, 4.0)
 
     def test_density_fields_default_to_tanh(self):
         assert ODENet(2).activation == "tanh"

@@ -130,7 +130,7 @@ class TestFlowBackends:
         out = []
         for backend in ("auto", "torchdiffeq"):
             flow = ContinuousFlow(net, trace=trace, backend=backend, regularize=True, error_norm=error_norm,
-                                  rtol=1e-10, atol=1e-10)
+                                  rtol=1e-10, atol=1e-10, train_rtol=None, train_atol=None)
             torch.manual_seed(5)
             z, ladj, stats = flow(x, return_stats=True)
             out.append((z, ladj, stats.kinetic_energy, stats.jacobian_norm))
@@ -211,7 +211,7 @@ def test_adjoint_supports_a_second_backward_through_the_graph():
     x = torch.randn(3, 2, dtype=torch.float64)
     jacobians = []
     for adjoint in (False, True):
-        flow = ContinuousFlow(net, adjoint=adjoint, rtol=1e-10, atol=1e-10)
+        flow = ContinuousFlow(net, adjoint=adjoint, rtol=1e-10, atol=1e-10, train_rtol=None, train_atol=None)
         jacobians.append(torch.autograd.functional.jacobian(lambda v: flow(v)[1], x))
     torch.testing.assert_close(jacobians[1], jacobians[0], rtol=1e-6, atol=1e-6)
     z, ladj = ContinuousFlow(net, adjoint=True)(x.requires_grad_())
