@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import pyro_cnf
+from pyro_cnf.nets import NO_GAINS
 
 
 def cpu_time(fn: Callable[[], object]) -> tuple[float, object]:
@@ -45,7 +46,8 @@ def perturbed_field(d: int, seed: int = 0, hidden: tuple[int, ...] = (64, 64)) -
     modulation and the output layer perturbed so that the flow is far from the identity
     and changes with time (4-7 dopri5 steps at 1e-5; |log det| of about 2, 11 and 56 nats at d = 2, 8, 64)."""
     g = torch.Generator().manual_seed(seed)
-    net = pyro_cnf.ODENet(d, hidden, activation="softplus", zero_init=False)  # pinned: the same field in every run
+    # pinned, without ODENet's later gains: the same field in every run since the first
+    net = pyro_cnf.ODENet(d, hidden, activation="softplus", zero_init=False, **NO_GAINS)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]) if p.dim() == 2 else p)

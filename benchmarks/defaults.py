@@ -1,9 +1,9 @@
 """Defaults study (issue 12): which ODENet field settings and learning rates learn fastest
 for a user who never changes a setting, across every use the package serves.
 
-A *config* names a field setting ``activation:init:time_gate_scale:hidden[:input_gain]``, e.g.
-``tanh:zero:0.1:64x64`` (ODENet's defaults, :data:`DEFAULT`) or ``silu:zero:0.1:128x128:4``
-(the Pyro guides' ``GUIDE_FIELD``). ``init`` is ``zero`` (last
+A *config* names a field setting ``activation:init:time_gate_scale:hidden[:input_gain[:time_gain[:hidden_gain]]]``, e.g.
+``tanh:zero:0.1:64x64:16:10:4`` (ODENet's defaults, :data:`DEFAULT`) or ``silu:zero:0.1:64x64:16``
+(the Pyro guides' ``GUIDE_FIELD``); gains left out are 1. ``init`` is ``zero`` (last
 layer zeroed: the flow starts as the identity), ``torch`` (torch's default init) or
 ``small<f>`` (torch's init of the last layer scaled by ``f``, ``small`` = ``small0.1``). Every use is a function
 ``(config, lr, seed, ...) -> metrics``; the study applies the variants that ODENet does not
@@ -83,9 +83,6 @@ from pyro_cnf.training import FlowMatching, Trainer, TrainingError, nll  # noqa:
 from trainers import EVAL_TOL, FM_RECIPE, Model, build, build_fm, field_nfe  # noqa: E402
 
 #: The config of ODENet's own defaults (the "(default)" row of the report; --configs' default).
-_ODENET = {k: v.default for k, v in inspect.signature(pyro_cnf.ODENet).parameters.items()}
-DEFAULT = (f"{_ODENET['activation']}:{'zero' if _ODENET['zero_init'] else 'torch'}:{_ODENET['time_gate_scale']:g}:"
-           + "x".join(map(str, _ODENET["hidden_dims"])))
 LRS = (5e-4, 1e-3, 1e-2)
 TOYS = ("8gaussians", "checkerboard")
 TEST_SEED = 10**6
@@ -139,6 +136,12 @@ class Config:
         by its field."""
         flow = self.flow(d, **kw)
         return Model(flow, field=lambda trained: trained.vector_field, train_nfe=lambda: flow.nfe)
+
+
+_ODENET = {k: v.default for k, v in inspect.signature(pyro_cnf.ODENet).parameters.items()}
+#: The config of ODENet's own defaults (the "(default)" row of the report; --configs' default).
+DEFAULT = Config(_ODENET["activation"], "zero" if _ODENET["zero_init"] else "torch", _ODENET["time_gate_scale"],
+                 _ODENET["hidden_dims"], _ODENET["input_gain"], _ODENET["time_gain"], _ODENET["hidden_gain"]).name
 
 
 def is_config(name: str) -> bool:

@@ -22,6 +22,8 @@ import torch
 import pyro_cnf
 from common import normal_log_prob, perturbed_field, table
 
+from pyro_cnf.nets import NO_GAINS
+
 TOLS = (1e-5, 1e-3)
 N = 1024
 
@@ -35,7 +37,8 @@ def trained_fields(log=print) -> dict[str, torch.nn.Module]:
     for name, data, steps in (("MLE 8gaussians 50", "8gaussians", 50), ("MLE 8gaussians 300", "8gaussians", 300),
                               ("MLE checkerboard 300", "checkerboard", 300)):
         torch.manual_seed(0)
-        flow = pyro_cnf.ContinuousFlow(pyro_cnf.ODENet(2, (64, 64), activation="tanh"), train_rtol=None, train_atol=None)
+        flow = pyro_cnf.ContinuousFlow(pyro_cnf.ODENet(2, (64, 64), activation="tanh", **NO_GAINS),
+                                       train_rtol=None, train_atol=None)
         opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
         for i in range(steps):
             loss = -flow.log_prob(datasets.sample(data, 512, seed=i).float()).mean()
@@ -45,7 +48,7 @@ def trained_fields(log=print) -> dict[str, torch.nn.Module]:
         out[name] = flow.vector_field.requires_grad_(False)
         log(f"  trained {name}: loss {loss.item():.3f}")
     torch.manual_seed(0)
-    net = pyro_cnf.ODENet(2, (64, 64, 64, 64), activation="silu", time_gate_scale=10.0)
+    net = pyro_cnf.ODENet(2, (64, 64, 64, 64), activation="silu", time_gate_scale=10.0, **NO_GAINS)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for i in range(3000):
         loss = pyro_cnf.flow_matching_loss(net, datasets.sample("checkerboard", 512, seed=i).float(), path="cosine")
@@ -58,10 +61,12 @@ def trained_fields(log=print) -> dict[str, torch.nn.Module]:
 
 def fields(log=print) -> dict[str, torch.nn.Module]:
     torch.manual_seed(1)
-    out = {"zero-initialised d=2": pyro_cnf.ODENet(2, (64, 64)),
-           "new random d=2": pyro_cnf.ODENet(2, (64, 64), zero_init=False),
-           "new random d=64": pyro_cnf.ODENet(64, (64, 64), zero_init=False)}
+    out = {"zero-initialised d=2": pyro_cnf.ODENet(2, (64, 64), **NO_GAINS),
+           "new random d=2": pyro_cnf.ODENet(2, (64, 64), zero_init=False, **NO_GAINS),
+           "new random d=64": pyro_cnf.ODENet(64, (64, 64), zero_init=False, **NO_GAINS)}
     out.update({f"W1 field d={d}": perturbed_field(d) for d in (2, 8, 64)})
+    torch.manual_seed(1)  # ODENet's defaults since the gains: the first layer starts 16 times sharper
+    out.update({f"new random d={d}, default gains": pyro_cnf.ODENet(d, (64, 64), zero_init=False) for d in (2, 64)})
     out.update(trained_fields(log))
     return {k: v.requires_grad_(False) for k, v in out.items()}
 

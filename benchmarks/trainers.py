@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import pyro_cnf
 from common import normal_log_prob
+from pyro_cnf.nets import NO_GAINS
 from peers import TimeInjected
 from pyro_cnf.training import FlowMatching, MaximumLikelihood, Objective, Trainer, TrainingError
 
@@ -176,7 +177,7 @@ def build_fm(d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | None = N
     if unknown:
         raise ValueError(f"unknown flow-matching options {sorted(unknown)}; expected some of {sorted(FM_RECIPE)}")
     net = pyro_cnf.ODENet(d, tuple(r["hidden"] or hidden), activation=r["activation"],
-                          time_gate_scale=r["time_gate_scale"])
+                          time_gate_scale=r["time_gate_scale"], **NO_GAINS)  # tuned at lr 2e-2, too fast for the gains
     objective = FlowMatching(path=r["path"], coupling=r["coupling"], sigma_min=r["sigma_min"], t_power=r["t_power"])
     return Model(pyro_cnf.ContinuousFlow(net), objective, field=lambda flow: flow.vector_field, lr=r["lr"],
                  schedule=r["schedule"], ema=r["ema"], batches=int(r["batches"]))

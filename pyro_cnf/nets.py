@@ -110,6 +110,12 @@ def _trace_costs(
     return tuple((k, v / forward) for k, v in costs.items())
 
 
+#: The gains of a field without them, as ODENet was before they existed: for recipes tuned
+#: then at learning rates (1e-2 and above) that are too fast for the default gains, and for
+#: fixed coarse grids, whose error a fast-learning field learns to exploit.
+NO_GAINS: dict[str, float] = {"input_gain": 1.0, "time_gain": 1.0, "hidden_gain": 1.0}
+
+
 class ODENet(nn.Module):
     r"""Time-conditioned MLP field with concat-squash layers (Grathwohl et al., 2019).
 

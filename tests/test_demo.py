@@ -279,6 +279,8 @@ def test_flow_matching_starts_with_steep_time_gates(objective, low, high, activa
     field = flow.vector_field
     slopes = field.time_gate.detach() * field.time_gain  # stored divided by the time gain
     assert low < slopes.std().item() < high
+    # no gains: the demo's lr 1e-2 and fixed grid suit the field without them
+    assert (field.input_gain, field.time_gain, field.hidden_gain) == (1.0, 1.0, 1.0)
     assert flow.vector_field.activation == activation
     explicit = parser.parse_args(["--objective", objective, "--activation", "elu"])
     demo._check_arguments(parser, explicit)
