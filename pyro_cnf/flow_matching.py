@@ -190,7 +190,7 @@ def flow_matching_loss(
     Example:
         >>> from pyro_cnf import ContinuousFlow, ODENet
         >>> field = ODENet(2, (16, 16))
-        >>> optimizer = torch.optim.Adam(field.parameters(), lr=1e-2)
+        >>> optimizer = torch.optim.Adam(field.parameters(), lr=1e-3)
         >>> for _ in range(3):
         ...     optimizer.zero_grad()
         ...     loss = flow_matching_loss(field, torch.randn(64, 2) + 3.0)

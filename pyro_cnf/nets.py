@@ -166,9 +166,11 @@ class ODENet(nn.Module):
         hidden_gain: The same for the weights and biases of the hidden-to-hidden layers
             (stored divided by it: the same new map, learning ``hidden_gain`` times
             faster). The three gains' defaults (16, 10, 4) won the defaults study at every
-            use of a density field, at the learning rates users bring (Adam 5e-4 to 1e-2):
-            maximum likelihood at equal steps and CPU time, flow matching, the conditional
-            estimator; Pyro's guides keep time and hidden gains of 1
+            use of a density field at Adam 5e-4 and 1e-3 (maximum likelihood at equal steps
+            and CPU time, flow matching, the conditional estimator); at 1e-2, which they
+            make too fast, they tie at equal steps and lose at equal CPU time, so train them
+            at 1e-3 (:class:`~pyro_cnf.training.Trainer`'s default) and use :data:`NO_GAINS`
+            for settings tuned at higher rates. Pyro's guides keep time and hidden gains of 1
             (:data:`pyro_cnf.pyro.GUIDE_FIELD`), which SVI's noisier gradients need at
             lr >= 5e-3 (BENCHMARKS.md, "Gains"). Gains are part of the architecture that
             ``load_state_dict`` checks.
