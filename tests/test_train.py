@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from pyro_cnf import ContinuousFlow, ODENet, SolverError
 from pyro_cnf.flow_matching import flow_matching_loss
+from pyro_cnf.nets import NO_GAINS
 from pyro_cnf.training import (
     CheckpointError,
     Checkpointing,
@@ -31,7 +33,8 @@ def small_flow(seed=0, **kw):
     torch.manual_seed(seed)
     kw.setdefault("method", "rk4")
     kw.setdefault("steps", 2)
-    return ContinuousFlow(ODENet(2, (8, 8), zero_init=False), **kw)
+    # fast fixed grids, so no gains (Trainer warns of them there)
+    return ContinuousFlow(ODENet(2, (8, 8), zero_init=False, **NO_GAINS), **kw)
 
 
 def gaussian_batches(step):
@@ -53,6 +56,21 @@ class ConditionalGaussian(nn.Module):
 
     def log_prob(self, x, context):
         return torch.distributions.Normal(self.mean(context), self.log_scale.exp()).log_prob(x).sum(-1)
+
+
+def test_maximum_likelihood_on_a_fixed_grid_warns_of_the_gains_only():
+    gained = ContinuousFlow(ODENet(2, (8,)), method="rk4", steps=4)
+    with pytest.warns(UserWarning, match="gains .* fixed grid of 4 steps.*NO_GAINS"):
+        Trainer(gained, gaussian_batches)
+    quiet = [
+        (ContinuousFlow(ODENet(2, (8,), **NO_GAINS), method="rk4", steps=4), MaximumLikelihood()),
+        (ContinuousFlow(ODENet(2, (8,))), MaximumLikelihood()),  # adaptive
+        (gained, FlowMatching()),  # no solve while training
+    ]
+    for model, objective in quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            Trainer(model, gaussian_batches, objective)
 
 
 def test_import_pyro_cnf_leaves_training_and_the_toy_layer_alone():

@@ -18,6 +18,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..checks import check_inputs
-from ..flow import SolverError
+from ..flow import ContinuousFlow, SolverError
+from ..nets import NO_GAINS, ODENet
 from . import distributed
 from .checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint
 from .objectives import MaximumLikelihood, Objective
@@ -173,6 +175,21 @@ def cosine_decay(fraction: float) -> float:
 
 #: Learning-rate schedules by name: fraction of the training done -> factor on ``lr``.
 SCHEDULES: dict[str, Callable[[float], float] | None] = {"constant": None, "cosine": cosine_decay}
+
+
+def warn_of_gains_on_a_fixed_grid(model: nn.Module, objective: Objective) -> None:
+    """Warn when maximum likelihood trains an ODENet with gains on a fixed grid: a field that
+    learns that fast learns the grid's error too (BENCHMARKS.md, "Gains")."""
+    field = model.vector_field if isinstance(model, ContinuousFlow) else None
+    if (isinstance(objective, MaximumLikelihood) and isinstance(field, ODENet) and model.steps is not None
+            and any(getattr(field, name) != 1 for name in NO_GAINS)):
+        warnings.warn(
+            f"training an ODENet with gains (input_gain={field.input_gain:g}, time_gain={field.time_gain:g}, "
+            f"hidden_gain={field.hidden_gain:g}) by maximum likelihood on a fixed grid of {model.steps} steps: "
+            "such a field learns the grid's error (a training loss far below the held-out NLL); build it with "
+            "pyro_cnf.nets.NO_GAINS, or train with an adaptive method (the default dopri5)",
+            stacklevel=3,
+        )
 
 
 class TrainingError(RuntimeError):
@@ -338,7 +355,7 @@ class Trainer:
 
     Example:
         >>> from pyro_cnf import ContinuousFlow, ODENet
-        >>> flow = ContinuousFlow(ODENet(2, (8,)), method="rk4", steps=2)
+        >>> flow = ContinuousFlow(ODENet(2, (8,)))
         >>> def batches(step):  # the data of a step depend on the step alone
         ...     return torch.randn(32, 2, generator=torch.Generator().manual_seed(step_seed(0, step))) + 1.0
         >>> trainer = Trainer(flow, batches, lr=1e-2, schedule="cosine", disable=True)
@@ -370,6 +387,7 @@ class Trainer:
         if not isinstance(objective, Objective):
             raise TypeError(f"objective must be an Objective (e.g. MaximumLikelihood()), got {objective!r}")
         names = objective.metrics(model)
+        warn_of_gains_on_a_fixed_grid(model, objective)
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         if not callable(schedule) and schedule not in SCHEDULES:
