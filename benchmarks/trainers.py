@@ -192,8 +192,9 @@ def build(run: str, d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | N
     if lam_text and not run.endswith("_rnode"):
         raise ValueError(f"a weight @{lam_text} applies to the *_rnode runs only, not {run!r}")
     if run.startswith("pyro_cnf") and run in RUNS:
-        net = pyro_cnf.ODENet(d, hidden)
         grid = re.match(r"pyro_cnf_dopri5x(\d+)", run)
+        fixed = grid or run.startswith("pyro_cnf_rk4")
+        net = pyro_cnf.ODENet(d, hidden, **(NO_GAINS if fixed else {}))  # a gained field learns a grid's error
         kw = (dict(method="rk4", steps=8) if run.startswith("pyro_cnf_rk4") else dict(steps=int(grid[1]))
               if grid else dict(rtol=1e-5, atol=1e-5, train_rtol=None, train_atol=None))
         regularize = run.endswith("_rnode")

@@ -264,7 +264,7 @@ class ODENet(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         """Refuse a checkpoint of another architecture with a message that names it."""
         mine = self.get_extra_state()
-        state = {"input_gain": 1.0, "time_gain": 1.0, "hidden_gain": 1.0, **state}  # checkpoints from before the gains had none
+        state = {**NO_GAINS, **state}  # checkpoints from before the gains had none
         diff = [f"{k}: checkpoint {state.get(k)!r}, this net {v!r}" for k, v in mine.items() if state.get(k) != v]
         if diff:
             raise ValueError(

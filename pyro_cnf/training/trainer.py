@@ -177,7 +177,7 @@ def cosine_decay(fraction: float) -> float:
 SCHEDULES: dict[str, Callable[[float], float] | None] = {"constant": None, "cosine": cosine_decay}
 
 
-def warn_of_gains_on_a_fixed_grid(model: nn.Module, objective: Objective) -> None:
+def _warn_of_gains_on_a_fixed_grid(model: nn.Module, objective: Objective) -> None:
     """Warn when maximum likelihood trains an ODENet with gains on a fixed grid: a field that
     learns that fast learns the grid's error too (BENCHMARKS.md, "Gains")."""
     field = model.vector_field if isinstance(model, ContinuousFlow) else None
@@ -387,7 +387,7 @@ class Trainer:
         if not isinstance(objective, Objective):
             raise TypeError(f"objective must be an Objective (e.g. MaximumLikelihood()), got {objective!r}")
         names = objective.metrics(model)
-        warn_of_gains_on_a_fixed_grid(model, objective)
+        _warn_of_gains_on_a_fixed_grid(model, objective)
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         if not callable(schedule) and schedule not in SCHEDULES:
