@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--n-train", type=int, default=10000)
     parser.add_argument("--n-test", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's rate (Trainer's default)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--tol", type=float, default=1e-4, help="solver rtol = atol")
     parser.add_argument("--seed", type=int, default=0)
