@@ -120,24 +120,30 @@ class TestGains:
         torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(-1))
 
     def test_one_adam_step_moves_the_effective_parameters_gain_times_lr(self):
-        # Adam's first step moves every stored parameter by lr (times the sign of its
-        # gradient), so an effective parameter c * p moves by c * lr.
+        # The net computes with c * p for a stored p; Adam's first step moves every stored
+        # parameter by lr (times the sign of its gradient), so c * p moves by c * lr.
         torch.manual_seed(0)
         net = ODENet(2, (8, 8), zero_init=False, time_gain=10.0, hidden_gain=4.0).double()
+        factors = {"time_gate": 10, "time_gate_bias": 10, "time_shift": 10, "linears.1.weight": 4, "linears.1.bias": 4}
 
         def effective():
-            return (net.time_gate * 10, net.time_gate_bias * 10, net.time_shift * 10, net.linears[1].weight * 4,
-                    net.linears[0].weight, net.linears[2].weight)
+            return {k: v.detach() * factors.get(k, 1) for k, v in net.state_dict().items() if k != "_extra_state"}
 
-        before = [p.detach().clone() for p in effective()]
+        before = effective()
         lr = 1e-3
         optimizer = torch.optim.Adam(net.parameters(), lr=lr, eps=1e-30)
         x, t = torch.randn(64, 2, dtype=torch.float64), torch.rand(64, dtype=torch.float64)
         net(t, x).pow(3).sum().backward()
         optimizer.step()
-        for now, was, gain in zip(effective(), before, (10, 10, 10, 4, 1, 1)):
-            moved = (now.detach() - was).abs()
-            torch.testing.assert_close(moved[moved > 0], torch.full_like(moved[moved > 0], gain * lr))
+        after = effective()
+        for name, was in before.items():
+            moved = (after[name] - was).abs()
+            torch.testing.assert_close(moved[moved > 0], torch.full_like(moved[moved > 0], factors.get(name, 1) * lr))
+        # the same map as a net without time and hidden gains that holds the effective values
+        plain = ODENet(2, (8, 8), time_gain=1.0, hidden_gain=1.0).double()
+        plain.load_state_dict({**after, "_extra_state": plain.get_extra_state()})
+        torch.testing.assert_close(plain(t, x), net(t, x))
+        torch.testing.assert_close(plain.divergence(t[0], x)[1], net.divergence(t[0], x)[1])
 
     def test_are_architecture_and_old_checkpoints_load_as_gains_one(self):
         for name in self.ONES:
