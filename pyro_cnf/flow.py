@@ -378,8 +378,8 @@ def default_flow(
     """A :class:`ContinuousFlow` over an :class:`~pyro_cnf.ODENet` field, as the adapters build it.
 
     ``hidden_dims`` defaults to ODENet's ``(64, 64)``; the field options
-    (:data:`FIELD_OPTIONS`: ``activation``, ``zero_init``, ``time_gate_scale``,
-    ``input_gain``) go to the field, with ODENet's defaults, and everything else to the flow.
+    (:data:`FIELD_OPTIONS`: ``activation``, ``zero_init``, ``time_gate_scale`` and the three
+    gains) go to the field, with ODENet's defaults, and everything else to the flow.
 
     Example:
         >>> flow = default_flow(3, (16,), activation="silu", method="rk4", steps=4)

@@ -123,8 +123,7 @@ class ODENet(nn.Module):
     the time gate scales each unit and the time shift moves it; the gains :math:`c_l`
     (``input_gain`` on the first layer, ``hidden_gain`` on the others but the last, 1 there)
     and :math:`c_t` (``time_gain``) are fixed factors. Context, when given, is concatenated
-    to ``x`` at the input. The gate
-    is folded into the weights once per evaluation
+    to ``x`` at the input. The gate is folded into the weights once per evaluation
     (:math:`W' = \mathrm{diag}(\sigma(a t + g)) W`), so the net costs one matmul per layer
     and its Jacobian is :math:`W'_{L+1} D_L W'_L \cdots D_1 W'_{1,x}` with
     :math:`D_l = \mathrm{diag}(s'(u_l))`.
