@@ -100,16 +100,20 @@ class Config:
     gain: float = 1.0
     time_gain: float = 1.0
     hidden_gain: float = 1.0
+    scale_rate: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        act, init, gate, hidden, *gains = (text.split(":") + [""] * 7)[:7]
+        act, init, gate, hidden, *gains, rate = (text.split(":") + [""] * 8)[:8]
         return cls(act or "softplus", init or "zero", float(gate or 0.1),
-                   tuple(int(h) for h in (hidden or "64x64").split("x")), *(float(g or 1.0) for g in gains))
+                   tuple(int(h) for h in (hidden or "64x64").split("x")), *(float(g or 1.0) for g in gains),
+                   float(rate or 0.0))
 
     @property
     def name(self) -> str:
         gains = (self.gain, self.time_gain, self.hidden_gain)
+        if self.scale_rate:
+            gains = (*gains, self.scale_rate)
         while gains and gains[-1] == 1:  # trailing gains of 1 are left out
             gains = gains[:-1]
         gains = "".join(f":{g:g}" for g in gains)
@@ -118,7 +122,7 @@ class Config:
     def field(self, d: int, context_dim: int = 0, hidden: tuple[int, ...] | None = None) -> pyro_cnf.ODENet:
         net = pyro_cnf.ODENet(d, hidden or self.hidden, context_dim, activation=self.activation,
                               zero_init=self.init == "zero", time_gate_scale=self.gate, input_gain=self.gain,
-                              time_gain=self.time_gain, hidden_gain=self.hidden_gain)
+                              time_gain=self.time_gain, hidden_gain=self.hidden_gain, scale_rate=self.scale_rate)
         if self.init.startswith("small"):
             factor = float(self.init[5:] or 0.1)
             with torch.no_grad():
@@ -141,7 +145,8 @@ class Config:
 _ODENET = {k: v.default for k, v in inspect.signature(pyro_cnf.ODENet).parameters.items()}
 #: The config of ODENet's own defaults (the "(default)" row of the report; --configs' default).
 DEFAULT = Config(_ODENET["activation"], "zero" if _ODENET["zero_init"] else "torch", _ODENET["time_gate_scale"],
-                 _ODENET["hidden_dims"], _ODENET["input_gain"], _ODENET["time_gain"], _ODENET["hidden_gain"]).name
+                 _ODENET["hidden_dims"], _ODENET["input_gain"], _ODENET["time_gain"], _ODENET["hidden_gain"],
+                 _ODENET["scale_rate"]).name
 
 
 def is_config(name: str) -> bool:

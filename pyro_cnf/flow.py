@@ -366,7 +366,9 @@ class ContinuousFlow(nn.Module):
 
 
 #: The :func:`default_flow` keywords that go to the :class:`~pyro_cnf.ODENet` field.
-FIELD_OPTIONS = frozenset({"activation", "zero_init", "time_gate_scale", "input_gain", "time_gain", "hidden_gain"})
+FIELD_OPTIONS = frozenset(
+    {"activation", "zero_init", "time_gate_scale", "input_gain", "time_gain", "hidden_gain", "scale_rate"}
+)
 
 
 def default_flow(
@@ -378,8 +380,8 @@ def default_flow(
     """A :class:`ContinuousFlow` over an :class:`~pyro_cnf.ODENet` field, as the adapters build it.
 
     ``hidden_dims`` defaults to ODENet's ``(64, 64)``; the field options
-    (:data:`FIELD_OPTIONS`: ``activation``, ``zero_init``, ``time_gate_scale`` and the three
-    gains) go to the field, with ODENet's defaults, and everything else to the flow.
+    (:data:`FIELD_OPTIONS`: ``activation``, ``zero_init``, ``time_gate_scale``, the three
+    gains and ``scale_rate``) go to the field, with ODENet's defaults, and everything else to the flow.
 
     Example:
         >>> flow = default_flow(3, (16,), activation="silu", method="rk4", steps=4)

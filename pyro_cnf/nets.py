@@ -85,7 +85,7 @@ TRACE_COST_MODEL: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
 
 @functools.lru_cache(maxsize=256)
 def _trace_costs(
-    d: int, context_dim: int, hidden: tuple[int, ...], grad: bool
+    d: int, context_dim: int, hidden: tuple[int, ...], grad: bool, scaled: bool = False
 ) -> tuple[tuple[str, float], ...]:
     """:meth:`ODENet.trace_costs` of an architecture (cached: the flow asks per solve and the
     net per evaluation)."""
@@ -94,7 +94,7 @@ def _trace_costs(
         a, b = TRACE_COST_MODEL[part][grad]
         return a * multiply_adds + b * elements
 
-    sizes = (d + context_dim, *hidden, d)
+    sizes = (d + context_dim, *hidden, 2 * d if scaled else d)
     forward_macs = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
     forward = cost("forward", forward_macs, sum(hidden))
     one_pass = 1.1 * forward  # divergence's forward pass also computes the activation slopes
@@ -107,6 +107,8 @@ def _trace_costs(
         costs["closed"] = min(costs["tangents"], costs["cyclic"])
     else:  # the closed forms of 0-2 hidden layers: at most one (N, h_1) x (h_1, h_2) product
         costs["closed"] = one_pass + cost("tangents", sum(products), 0)
+    if scaled:  # the diagonal of the scale outputs' Jacobian, along the d basis directions
+        costs["closed"] += cost("tangents", d * (sum(products) + hidden[-1]), d * sum(hidden)) if hidden else 0.0
     return tuple((k, v / forward) for k, v in costs.items())
 
 
@@ -115,6 +117,9 @@ def _trace_costs(
 #: fixed coarse grids, whose error a fast-learning field learns to exploit.
 NO_GAINS: dict[str, float] = {"input_gain": 1.0, "time_gain": 1.0, "hidden_gain": 1.0}
 
+#: The settings a checkpoint written before they existed was made with.
+_BEFORE_OPTIONS: dict[str, float] = {**NO_GAINS, "scale_rate": 0.0}
+
 
 class ODENet(nn.Module):
     r"""Time-conditioned MLP field with concat-squash layers (Grathwohl et al., 2019).
@@ -122,7 +127,9 @@ class ODENet(nn.Module):
     Every layer computes :math:`u = c_l (W h + b) \odot \sigma(c_t (a t + g)) + c_t e t`:
     the time gate scales each unit and the time shift moves it; the gains :math:`c_l`
     (``input_gain`` on the first layer, ``hidden_gain`` on the others but the last, 1 there)
-    and :math:`c_t` (``time_gain``) are fixed factors. Context, when given, is concatenated
+    and :math:`c_t` (``time_gain``) are fixed factors. With a ``scale_rate`` :math:`r > 0` the last
+    layer has :math:`2d` outputs :math:`(a, s)` and the field is
+    :math:`f = a + r \tanh(s / r) \odot x`. Context, when given, is concatenated
     to ``x`` at the input. The gate is folded into the weights once per evaluation
     (:math:`W' = \mathrm{diag}(\sigma(a t + g)) W`), so the net costs one matmul per layer
     and its Jacobian is :math:`W'_{L+1} D_L W'_L \cdots D_1 W'_{1,x}` with
@@ -173,6 +180,15 @@ class ODENet(nn.Module):
             (:data:`pyro_cnf.pyro.GUIDE_FIELD`), which SVI's noisier gradients need at
             lr >= 5e-3 (BENCHMARKS.md, "Gains"). Gains are part of the architecture that
             ``load_state_dict`` checks.
+        scale_rate: With :math:`r > 0`, a term :math:`r \tanh(s / r) \odot x` in the field:
+            each coordinate grows or shrinks at a log-rate, at most :math:`r`, that the net
+            computes from all coordinates, so an affine autoregressive map such as a
+            funnel's, :math:`x_i = e^{z/2} \epsilon_i`, is a simple field (without it an
+            MLP must build the product :math:`z x_i` from its units). The exact trace adds
+            the diagonal of :math:`\partial s / \partial x`, forward mode along the ``d``
+            basis directions (about ``d / 3`` forward passes more at width 64). 0, the
+            default, leaves :math:`f = a`; Pyro's guides use 4
+            (:data:`pyro_cnf.pyro.GUIDE_FIELD`; BENCHMARKS.md, "Scale rate"). Architecture.
 
     :meth:`jvp` gives :math:`J v` in forward mode (one extra matmul per layer), which makes
     Hutchinson's estimator and the RNODE Frobenius penalty free of autograd as well.
@@ -198,6 +214,7 @@ class ODENet(nn.Module):
         input_gain: float = 16.0,
         time_gain: float = 10.0,
         hidden_gain: float = 4.0,
+        scale_rate: float = 0.0,
     ) -> None:
         super().__init__()
         try:
@@ -209,6 +226,10 @@ class ODENet(nn.Module):
         for name, gain in (("input_gain", input_gain), ("time_gain", time_gain), ("hidden_gain", hidden_gain)):
             if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not (math.isfinite(gain) and gain > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {gain!r}")
+        if isinstance(scale_rate, bool) or not isinstance(scale_rate, (int, float)) or not (
+            math.isfinite(scale_rate) and scale_rate >= 0
+        ):
+            raise ValueError(f"scale_rate must be a finite number >= 0, got {scale_rate!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if input_dim < 1 or context_dim < 0 or any(h < 1 for h in hidden_dims):
@@ -223,9 +244,11 @@ class ODENet(nn.Module):
         self.input_gain = float(input_gain)
         self.time_gain = float(time_gain)
         self.hidden_gain = float(hidden_gain)
+        self.scale_rate = float(scale_rate)
         self._act, self._act_grad = ACTIVATIONS[activation]
 
-        sizes = (input_dim + context_dim, *self.hidden_dims, input_dim)
+        # with a scale rate the last layer gives the shift a and the log-rate s: 2d outputs
+        sizes = (input_dim + context_dim, *self.hidden_dims, input_dim * (2 if self.scale_rate else 1))
         self.linears = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
         # One gate/shift row per unit of every layer, evaluated together once per call.
         width = sum(sizes[1:])
@@ -237,7 +260,7 @@ class ODENet(nn.Module):
         # (width,) vector per evaluation, none without a gain.
         gain = torch.ones(width)
         gain[: sizes[1]] = self.input_gain
-        gain[sizes[1] : width - input_dim] = self.hidden_gain
+        gain[sizes[1] : width - sizes[-1]] = self.hidden_gain
         gained = self.input_gain != 1 or self.hidden_gain != 1
         self.register_buffer("_gain", gain if gained else None, persistent=False)
         with torch.no_grad():  # stored divided by the hidden gain: the field starts the same
@@ -258,12 +281,13 @@ class ODENet(nn.Module):
             "input_gain": self.input_gain,
             "time_gain": self.time_gain,
             "hidden_gain": self.hidden_gain,
+            "scale_rate": self.scale_rate,
         }
 
     def set_extra_state(self, state: dict) -> None:
         """Refuse a checkpoint of another architecture with a message that names it."""
         mine = self.get_extra_state()
-        state = {**NO_GAINS, **state}  # checkpoints from before the gains had none
+        state = {**_BEFORE_OPTIONS, **state}  # checkpoints from before these options lack them
         diff = [f"{k}: checkpoint {state.get(k)!r}, this net {v!r}" for k, v in mine.items() if state.get(k) != v]
         if diff:
             raise ValueError(
@@ -302,11 +326,22 @@ class ODENet(nn.Module):
         w, b = layers[-1]
         return torch.addmm(b, h, w.t()), layers, pre
 
+    def _scaled(self, out: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The field from the last layer's outputs: ``out`` itself, or with a scale rate
+        :math:`r`, :math:`a + r \tanh(s / r) \odot x` from ``out = (a, s)``; and
+        :math:`\tanh(s / r)` (``None`` without a scale rate), which the trace and the JVP
+        reuse."""
+        if not self.scale_rate:
+            return out, None
+        a, s = out.split(self.input_dim, -1)
+        rate = torch.tanh(s / self.scale_rate)
+        return torch.addcmul(a, rate, x, value=self.scale_rate), rate
+
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``t`` is 0-d during a solve, or one time per row, shape ``(N,)`` or ``(N, 1)``,
         for simulation-free training (flow matching)."""
         if t.dim() == 0:
-            return self._hidden(t, x, context)[0]
+            return self._scaled(self._hidden(t, x, context)[0], x)[0]
         t = t.reshape(-1, 1)
         gates, shifts = (part.split(self._splits, -1) for part in self._time(t))
         h = x if context is None else torch.cat((x, context), dim=-1)
@@ -314,14 +349,15 @@ class ODENet(nn.Module):
             h = torch.addcmul(s, lin(h), g)
             if i < len(self.linears) - 1:
                 h = self._act(h)
-        return h
+        return self._scaled(h, x)[0]
 
     def _pass(self, t: Tensor, x: Tensor, context: Tensor | None, what: str):
-        """One forward pass: ``(f, time-folded layers, activation slopes s'(u_l))``."""
+        """One forward pass: ``(f, time-folded layers, activation slopes s'(u_l), tanh(s / r))``
+        (the last ``None`` without a scale rate)."""
         if t.dim() != 0:
             raise ValueError(f"{what} takes a 0-d time, got shape {tuple(t.shape)}")
-        f, layers, pre = self._hidden(t, x, context)
-        return f, layers, [self._act_grad(u, h) for u, h in pre]
+        out, layers, pre = self._hidden(t, x, context)
+        return (*self._scaled(out, x), layers, [self._act_grad(u, h) for u, h in pre])
 
     def trace_costs(self, grad: bool = False) -> dict[str, float]:
         """Modelled cost of one evaluation of ``(f, tr J)`` by each exact method, in forward
@@ -336,12 +372,12 @@ class ODENet(nn.Module):
             >>> costs["closed"] < costs["exact"] < costs["cyclic"]
             True
         """
-        return dict(_trace_costs(self.input_dim, self.context_dim, self.hidden_dims, bool(grad)))
+        return dict(_trace_costs(self.input_dim, self.context_dim, self.hidden_dims, bool(grad), bool(self.scale_rate)))
 
     def _deep_method(self, grad: bool) -> str:
         """The cheaper contraction for 3+ hidden layers by :meth:`trace_costs`: ``"tangents"``
         or ``"cyclic"``."""
-        costs = _trace_costs(self.input_dim, self.context_dim, self.hidden_dims, grad)
+        costs = _trace_costs(self.input_dim, self.context_dim, self.hidden_dims, grad, bool(self.scale_rate))
         return min((c, k) for k, c in costs if k in ("tangents", "cyclic"))[1]
 
     def _trace(self, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor], n: int, grad: bool) -> Tensor:
@@ -353,9 +389,9 @@ class ODENet(nn.Module):
         """
         d = self.input_dim
         w_in = layers[0][0][:, :d]  # only the x-columns of the first layer enter the Jacobian
-        w_out = layers[-1][0]
+        w_out = layers[-1][0][:d]  # the shift a's rows (all rows without a scale rate)
         if not slopes:
-            return torch.diagonal(w_in).sum().expand(n)
+            return torch.diagonal(w_out[:, :d]).sum().expand(n)
         if len(slopes) == 1:
             return slopes[0] @ (w_in * w_out.t()).sum(-1)
         if len(slopes) == 2:
@@ -430,18 +466,58 @@ class ODENet(nn.Module):
                 chain = scale((chain.view(-1, w.shape[0]) @ w).view(n, a.shape[0], -1), s.unsqueeze(1))
         return ((chain.view(n, -1) @ close.reshape(-1, w2.shape[0])) * slopes[1]).sum(-1)
 
-    def _tangent(self, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor], v: Tensor) -> Tensor:
+    def _scale_trace(self, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor], weight: Tensor) -> Tensor:
+        r""":math:`\sum_i w_i \, \partial s_i / \partial x_i` per sample, shape ``(N,)``, for
+        weights ``w``, ``(N, d)``: forward mode along the ``d`` basis directions at once,
+        :math:`O(d h^2)` per sample and layer. As in :meth:`_trace_tangents`, the first two
+        layers are fused into one sample-independent ``(h_1, d h_2)`` matrix, so the tangents
+        start with one GEMM; tangent ``i`` only meets row ``i`` of the last layer's ``s``
+        part, which with two hidden layers is folded into that matrix too."""
+        d = self.input_dim
+        w_in, w_s = layers[0][0][:, :d], layers[-1][0][d:]
+        if not slopes:
+            return weight @ torch.diagonal(w_s[:, :d])
+        if len(slopes) == 1:
+            return ((weight @ (w_s * w_in.t())) * slopes[0]).sum(-1)
+        fused = w_in.unsqueeze(-1) * layers[1][0].t().unsqueeze(1)  # (h_1, d, h_2): W_in[j, i] W_2[k, j]
+        if len(slopes) == 2:
+            fused = fused * w_s
+        tangent = (slopes[0] @ fused.reshape(w_in.shape[0], -1)).view(weight.shape[0], d, -1)
+        for (w, _), s in zip(layers[2:-1], slopes[1:-1]):  # layers 3 .. L
+            tangent = (tangent * s.unsqueeze(1)) @ w.t()
+        if len(slopes) > 2:
+            tangent = tangent * w_s
+        return ((weight.unsqueeze(1) @ tangent).squeeze(1) * slopes[-1]).sum(-1)
+
+    def _divergence(
+        self, x: Tensor, f: Tensor, rate: Tensor | None, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor]
+    ) -> Tensor:
+        r"""The exact trace of the field's Jacobian: :meth:`_trace` of :math:`\partial a /
+        \partial x`, plus, with a scale rate :math:`r` and :math:`\rho = \tanh(s / r)`, the
+        trace of :math:`\partial (r \rho \odot x) / \partial x`,
+        :math:`\sum_i r \rho_i + x_i (1 - \rho_i^2) \, \partial s_i / \partial x_i`."""
+        div = self._trace(layers, slopes, x.shape[0], f.requires_grad)
+        if rate is None:
+            return div
+        return div + self.scale_rate * rate.sum(-1) + self._scale_trace(layers, slopes, x * (1 - rate * rate))
+
+    def _tangent(
+        self, x: Tensor, rate: Tensor | None, layers: list[tuple[Tensor, Tensor]], slopes: list[Tensor], v: Tensor
+    ) -> Tensor:
         tangent = v @ layers[0][0][:, : self.input_dim].t()
         for s, (w, _) in zip(slopes, layers[1:]):
             tangent = (s * tangent) @ w.t()
-        return tangent
+        if rate is None:
+            return tangent
+        da, ds = tangent.split(self.input_dim, -1)  # (J_a v, J_s v)
+        return da + self.scale_rate * rate * v + x * (1 - rate * rate) * ds
 
     def divergence(
         self, t: Tensor, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         r"""The field and its exact divergence :math:`\mathrm{tr}(\partial f / \partial x)`."""
-        f, layers, slopes = self._pass(t, x, context, "divergence")
-        return f, self._trace(layers, slopes, x.shape[0], f.requires_grad)
+        f, rate, layers, slopes = self._pass(t, x, context, "divergence")
+        return f, self._divergence(x, f, rate, layers, slopes)
 
     def jvp(
         self, t: Tensor, x: Tensor, v: Tensor, context: Tensor | None = None
@@ -452,13 +528,13 @@ class ODENet(nn.Module):
         :math:`v^\top J v` and RNODE's :math:`\|J v\|^2` come from it cheaply.
         Shapes: ``v`` like ``x``, ``(N, d)``; returns ``((N, d), (N, d))``.
         """
-        f, layers, slopes = self._pass(t, x, context, "jvp")
-        return f, self._tangent(layers, slopes, v)
+        f, rate, layers, slopes = self._pass(t, x, context, "jvp")
+        return f, self._tangent(x, rate, layers, slopes, v)
 
     def divergence_jvp(
         self, t: Tensor, x: Tensor, v: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(f, div, J v)`` from ONE forward pass: the exact trace with RNODE's Jacobian
         penalty probe costs a third less than :meth:`divergence` and :meth:`jvp` apart."""
-        f, layers, slopes = self._pass(t, x, context, "divergence_jvp")
-        return f, self._trace(layers, slopes, x.shape[0], f.requires_grad), self._tangent(layers, slopes, v)
+        f, rate, layers, slopes = self._pass(t, x, context, "divergence_jvp")
+        return f, self._divergence(x, f, rate, layers, slopes), self._tangent(x, rate, layers, slopes, v)

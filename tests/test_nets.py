@@ -1,11 +1,12 @@
 """ODENet's constructor options that are not covered with the flow: the time-gate init and
-the gains."""
+the gains and the scale rate."""
 
 import math
 
 import pytest
 import torch
 
+import pyro_cnf
 from pyro_cnf import ODENet
 
 
@@ -162,3 +163,80 @@ class TestGains:
     def test_bad_gain_raises(self, name, bad):
         with pytest.raises(ValueError, match=f"{name} must be a finite number > 0"):
             ODENet(2, (8,), **{name: bad})
+
+
+class TestScaleRate:
+    """``scale_rate`` r: the field is a + r tanh(s / r) * x, from the 2d outputs (a, s)."""
+
+    @staticmethod
+    def sharp(net: ODENet) -> ODENet:
+        torch.manual_seed(1)
+        with torch.no_grad():  # far from the identity and into tanh's curvature
+            for linear in net.linears:
+                linear.weight.normal_(std=1.5)
+                linear.bias.normal_(std=1.0)
+            net.time_gate_bias.normal_(std=0.5)
+            net.time_shift.normal_(std=0.5)
+        return net.double()
+
+    @pytest.mark.parametrize("hidden", [(), (16,), (16, 16), (8, 16, 8), (8, 8, 8, 8)])
+    @pytest.mark.parametrize("grad", [False, True])
+    def test_divergence_and_jvp_are_exact(self, hidden, grad):
+        net = self.sharp(ODENet(3, hidden, context_dim=2, zero_init=False, scale_rate=0.7))
+        x, c = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+        v, t = torch.randn(6, 3, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+        x.requires_grad_(grad)  # a differentiated trace may take another contraction
+        f, div = net.divergence(t, x, c)
+        f_jvp, jv = net.jvp(t, x, v, c)
+        f_both, div_both, jv_both = net.divergence_jvp(t, x, v, c)
+        jac = torch.stack([torch.autograd.functional.jacobian(lambda y: net(t, y[None], c[i : i + 1])[0], x[i])
+                           for i in range(6)])
+        torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(-1))
+        torch.testing.assert_close(jv, (jac @ v.unsqueeze(-1)).squeeze(-1))
+        for a, b in ((f_jvp, f), (f_both, f), (div_both, div), (jv_both, jv), (net(t.expand(6), x, c), f)):
+            torch.testing.assert_close(a, b)
+        a, s = (net.linears[0](torch.cat((x, c), -1)) if not hidden else None), None
+        if a is not None:  # no hidden layer: the formula itself, gates and shifts folded by hand
+            gate, shift = net._time(t)
+            a, s = torch.addcmul(shift, a, gate).split(3, -1)
+            torch.testing.assert_close(f, a + 0.7 * torch.tanh(s / 0.7) * x)
+
+    def test_constant_rates_give_the_analytic_flow(self):
+        # f = k * x with k = r tanh(s / r): x_T = x_0 exp(k T), log p(x_0) = log N(x_T) + T sum(k)
+        net = ODENet(2, (), scale_rate=2.0, input_gain=1.0).double()
+        s = torch.tensor([3.0, -1.0], dtype=torch.float64)
+        with torch.no_grad():
+            net.linears[0].bias[2:] = s
+            net.time_gate.zero_()  # gates sigma(0) = 1/2 with no time dependence; hence s / 2 below
+        k = 2.0 * torch.tanh(s / 2 / 2.0)
+        flow = pyro_cnf.ContinuousFlow(net, T=1.5, rtol=1e-9, atol=1e-9).double().eval()
+        x = torch.randn(7, 2, dtype=torch.float64)
+        z, logdet = flow(x)
+        torch.testing.assert_close(z, x * torch.exp(1.5 * k))
+        torch.testing.assert_close(logdet, torch.full((7,), 1.5 * k.sum().item(), dtype=torch.float64))
+        torch.testing.assert_close(flow(z, reverse=True)[0], x)
+
+    def test_a_new_field_is_zero_and_the_flow_the_identity(self):
+        net = ODENet(3, (8, 8), scale_rate=4.0)
+        x = torch.randn(5, 3)
+        f, div = net.divergence(torch.tensor(0.5), x)
+        assert net.linears[-1].out_features == 6
+        assert torch.equal(f, torch.zeros_like(x)) and torch.equal(div, torch.zeros(5))
+
+    def test_is_architecture_and_old_checkpoints_load_as_rate_zero(self):
+        with pytest.raises(ValueError, match="scale_rate: checkpoint 4.0, this net 0.0"):
+            ODENet(2, (8, 8)).load_state_dict(ODENet(2, (8, 8), scale_rate=4.0).state_dict())
+        old = ODENet(2, (8, 8)).state_dict()
+        del old["_extra_state"]["scale_rate"]  # a checkpoint written before the option
+        ODENet(2, (8, 8)).load_state_dict(old)
+
+    def test_closed_form_is_still_the_cheaper_exact_trace_of_a_guide(self):
+        for grad in (False, True):
+            costs = ODENet(10, (64, 64), scale_rate=4.0).trace_costs(grad)
+            assert costs["closed"] > ODENet(10, (64, 64)).trace_costs(grad)["closed"]
+            assert costs["closed"] < costs["exact"]
+
+    @pytest.mark.parametrize("bad", [-1.0, math.inf, math.nan, "4", True])
+    def test_bad_scale_rate_raises(self, bad):
+        with pytest.raises(ValueError, match="scale_rate must be a finite number >= 0"):
+            ODENet(2, (8,), scale_rate=bad)

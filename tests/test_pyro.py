@@ -235,20 +235,21 @@ class TestConditional:
 
 class TestFieldDefaults:
     """The defaults study's choice (BENCHMARKS.md, "Defaults", "Guides"): guides (``CNF``,
-    ``cnf``) get ``GUIDE_FIELD`` (silu, input gain 16), density fitting (ODENet,
+    ``cnf``) get ``GUIDE_FIELD`` (silu, input gain 16, scale rate 4), density fitting (ODENet,
     ``ConditionalCNF``, the nflows adapter) ``tanh`` with ODENet's gains (16, 10, 4)."""
 
     def test_guides_default_to_the_guide_field(self):
         def settings(field):
-            return field.hidden_dims, field.activation, field.input_gain, field.time_gain, field.hidden_gain
+            return (field.hidden_dims, field.activation, field.input_gain, field.time_gain, field.hidden_gain,
+                    field.scale_rate)
 
         assert pyro_cnf.pyro.GUIDE_FIELD == {"activation": "silu", "input_gain": 16.0, "time_gain": 1.0,
-                                             "hidden_gain": 1.0}
-        assert settings(CNF(2).flow.vector_field) == ((64, 64), "silu", 16.0, 1.0, 1.0)
+                                             "hidden_gain": 1.0, "scale_rate": 4.0}
+        assert settings(CNF(2).flow.vector_field) == ((64, 64), "silu", 16.0, 1.0, 1.0, 4.0)
         # other widths keep the rest of the guide field
-        assert settings(cnf(3, [8]).flow.vector_field) == ((8,), "silu", 16.0, 1.0, 1.0)
+        assert settings(cnf(3, [8]).flow.vector_field) == ((8,), "silu", 16.0, 1.0, 1.0, 4.0)
         for field in (ODENet(2), pyro_cnf.CNFTransform(2).flow.vector_field, ConditionalCNF(2, 1).flow.vector_field):
-            assert settings(field) == ((64, 64), "tanh", 16.0, 10.0, 4.0)
+            assert settings(field) == ((64, 64), "tanh", 16.0, 10.0, 4.0, 0.0)
 
     def test_density_fields_default_to_tanh(self):
         assert ODENet(2).activation == "tanh"
@@ -258,6 +259,7 @@ class TestFieldDefaults:
     def test_explicit_settings_win(self):
         assert CNF(2, activation="tanh").flow.vector_field.activation == "tanh"
         assert CNF(2, input_gain=1.0).flow.vector_field.input_gain == 1.0
+        assert CNF(2, scale_rate=0.0).flow.vector_field.linears[-1].out_features == 2
         own = ContinuousFlow(ODENet(2, (8,), activation="elu"))
         assert CNF(2, flow=own).flow.vector_field.activation == "elu"
         with pytest.raises(ValueError, match="not both"):
