@@ -327,7 +327,7 @@ class ODENet(nn.Module):
         return torch.addmm(b, h, w.t()), layers, pre
 
     def _scaled(self, out: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The field from the last layer's outputs: ``out`` itself, or with a scale rate
+        r"""The field from the last layer's outputs: ``out`` itself, or with a scale rate
         :math:`r`, :math:`a + r \tanh(s / r) \odot x` from ``out = (a, s)``; and
         :math:`\tanh(s / r)` (``None`` without a scale rate), which the trace and the JVP
         reuse."""
