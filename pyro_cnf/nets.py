@@ -127,13 +127,13 @@ class ODENet(nn.Module):
     Every layer computes :math:`u = c_l (W h + b) \odot \sigma(c_t (a t + g)) + c_t e t`:
     the time gate scales each unit and the time shift moves it; the gains :math:`c_l`
     (``input_gain`` on the first layer, ``hidden_gain`` on the others but the last, 1 there)
-    and :math:`c_t` (``time_gain``) are fixed factors. With a ``scale_rate`` :math:`r > 0` the last
-    layer has :math:`2d` outputs :math:`(a, s)` and the field is
-    :math:`f = a + r \tanh(s / r) \odot x`. Context, when given, is concatenated
-    to ``x`` at the input. The gate is folded into the weights once per evaluation
+    and :math:`c_t` (``time_gain``) are fixed factors. With a ``scale_rate`` :math:`r > 0`
+    the last layer has :math:`2d` outputs :math:`(a, s)` and the field is
+    :math:`f = a + r \tanh(s / r) \odot x`. Context, when given, is concatenated to ``x``
+    at the input. The gate is folded into the weights once per evaluation
     (:math:`W' = \mathrm{diag}(\sigma(a t + g)) W`), so the net costs one matmul per layer
-    and its Jacobian is :math:`W'_{L+1} D_L W'_L \cdots D_1 W'_{1,x}` with
-    :math:`D_l = \mathrm{diag}(s'(u_l))`.
+    and its Jacobian (of :math:`a`, with a scale rate) is :math:`W'_{L+1} D_L W'_L \cdots
+    D_1 W'_{1,x}` with :math:`D_l = \mathrm{diag}(s'(u_l))`.
 
     :meth:`divergence` gives the exact trace of that Jacobian in closed form by the cyclic
     property of the trace: with one hidden layer :math:`\mathrm{tr} J = D_1^\top
@@ -372,7 +372,9 @@ class ODENet(nn.Module):
             >>> costs["closed"] < costs["exact"] < costs["cyclic"]
             True
         """
-        return dict(_trace_costs(self.input_dim, self.context_dim, self.hidden_dims, bool(grad), bool(self.scale_rate)))
+        return dict(_trace_costs(
+            self.input_dim, self.context_dim, self.hidden_dims, bool(grad), bool(self.scale_rate)
+        ))
 
     def _deep_method(self, grad: bool) -> str:
         """The cheaper contraction for 3+ hidden layers by :meth:`trace_costs`: ``"tangents"``
