@@ -216,6 +216,22 @@ class TestScaleRate:
         torch.testing.assert_close(logdet, torch.full((7,), 1.5 * k.sum().item(), dtype=torch.float64))
         torch.testing.assert_close(flow(z, reverse=True)[0], x)
 
+    def test_a_funnel_map_is_a_linear_field(self):
+        # s_i = w z for i >= 1 and everything else 0: z stays put and x_i(T) = x_i(0) exp(T k(z))
+        # with k(z) = r tanh(w z / r), the map of an affine autoregressive layer (a funnel's
+        # scale); log|det| = (d - 1) T k(z)
+        d, r, w, T = 4, 3.0, 0.8, 1.3
+        net = ODENet(d, (), scale_rate=r, input_gain=1.0).double()
+        with torch.no_grad():
+            net.linears[0].weight[d + 1 :, 0] = 2 * w  # gates sigma(0) = 1/2 halve it
+            net.time_gate.zero_()
+        flow = pyro_cnf.ContinuousFlow(net, T=T, rtol=1e-9, atol=1e-9).double().eval()
+        x = torch.randn(6, d, dtype=torch.float64)
+        k = r * torch.tanh(w * x[:, :1] / r)
+        y, logdet = flow(x)
+        torch.testing.assert_close(y, torch.cat((x[:, :1], x[:, 1:] * torch.exp(T * k)), -1))
+        torch.testing.assert_close(logdet, (d - 1) * T * k[:, 0])
+
     def test_a_new_field_is_zero_and_the_flow_the_identity(self):
         net = ODENet(3, (8, 8), scale_rate=4.0)
         x = torch.randn(5, 3)
