@@ -355,6 +355,14 @@ class ContinuousFlow(nn.Module):
 
     def _solver_error(self, dynamics: Dynamics, reverse: bool, reason: str) -> SolverError:
         direction = "base -> data (t: T -> 0)" if reverse else "data -> base (t: 0 -> T)"
+        broken = [name for name, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        if broken:  # no solver setting helps: say what does
+            return SolverError(
+                f"ODE solve {direction} failed: the flow's parameters hold NaN or inf "
+                f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}), so its field does too. An "
+                "optimiser step took a non-finite gradient (e.g. from a loss that overflowed at extreme "
+                "samples); restore the parameters (a checkpoint) and lower the learning rate or clip the gradients."
+            )
         reached = float("nan") if dynamics.t is None else float(dynamics.t.detach())
         rtol, atol = self.solver.tolerances(self._fitting())
         return SolverError(

@@ -249,6 +249,15 @@ def test_nan_field_is_named_nan():
         ContinuousFlow(NaNField(), trace="exact")(torch.randn(4, 2))
 
 
+def test_non_finite_parameters_are_named_as_the_cause():
+    # what a training step with a NaN gradient leaves behind: no solver setting can help
+    broken = flow()
+    with torch.no_grad():
+        broken.vector_field.linears[0].weight[0, 0] = math.nan
+    with pytest.raises(SolverError, match=r"parameters hold NaN or inf \(vector_field.linears.0.weight\).*lower the lea"):
+        broken(torch.randn(4, 2))
+
+
 def test_meta_tensors_are_refused():
     with pytest.raises(ValueError, match="meta tensor"):
         flow()(torch.empty(4, 2, device="meta"))
