@@ -114,14 +114,14 @@ class ConditionedCNF(Transform):
 #: ``AutoNormalizingFlow`` and NeuTra guides are made of, and a guide fit by reverse KL must
 #: stretch the base out to the posterior's tails and learn scales that depend on other
 #: coordinates (a funnel's): ``silu`` units grow linearly where ``tanh``, ODENet's default for
-#: density fitting, saturates, and a first layer that starts sharper and learns faster
-#: (``input_gain``) finds such scales in far fewer steps (BENCHMARKS.md, "Guides"); a scale
-#: rate (``scale_rate``) lets the field scale each coordinate at a rate set by the others, the
-#: map of an affine autoregressive flow, which a funnel's posterior needs (BENCHMARKS.md,
-#: "Scale rate"). ODENet's faster time and hidden layers (``time_gain``, ``hidden_gain``) are
-#: left out: SVI's noisier gradients make them cost at lr 5e-3 and above (BENCHMARKS.md, "Gains").
+#: density fitting, saturates; a scale rate (``scale_rate``) lets the field scale each
+#: coordinate at a rate set by the others, the map of an affine autoregressive flow; and a
+#: first layer that starts sharper and learns faster (``input_gain``) makes the first steps
+#: fast (BENCHMARKS.md, "Scale rate"). ODENet's faster time and hidden layers (``time_gain``,
+#: ``hidden_gain``) are left out: SVI's noisier gradients make them cost at lr 5e-3 and above
+#: (BENCHMARKS.md, "Gains").
 GUIDE_FIELD: dict[str, Any] = {
-    "activation": "silu", "input_gain": 16.0, "time_gain": 1.0, "hidden_gain": 1.0, "scale_rate": 4.0
+    "activation": "silu", "input_gain": 4.0, "time_gain": 1.0, "hidden_gain": 1.0, "scale_rate": 4.0
 }
 
 

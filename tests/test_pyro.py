@@ -205,8 +205,8 @@ def test_svi_with_auto_normalizing_flow_decreases_loss():
 @pytest.mark.slow
 def test_default_guide_fits_a_funnel_with_its_scale_rate():
     # Neal's funnel in 2-D, x | z ~ N(0, exp(z / 2)): a scale that depends on the other
-    # coordinate, which GUIDE_FIELD's scale rate lets the field hold (KL 0.04-0.08 on seeds
-    # 0-2 after 400 steps; without it 0.12-0.18; BENCHMARKS.md, "Scale rate")
+    # coordinate, which GUIDE_FIELD's scale rate lets the field hold (KL 0.026-0.048 on seeds
+    # 0-2 after 400 steps; without it 0.084-0.199; BENCHMARKS.md, "Scale rate")
     def model():
         z = pyro.sample("z", dist.Normal(0.0, 3.0))
         pyro.sample("x", dist.Normal(0.0, torch.exp(z / 2)))
@@ -222,7 +222,7 @@ def test_default_guide_fits_a_funnel_with_its_scale_rate():
             svi.step()
         with torch.no_grad():  # the evidence is 1, so KL(q || p) = -ELBO
             kl[rate] = Trace_ELBO(num_particles=4096, vectorize_particles=True).loss(model, guide)
-    assert kl[None] < 0.1 and kl[None] < 0.6 * kl[0.0]
+    assert kl[None] < 0.08 and kl[None] < 0.6 * kl[0.0]
 
 
 class TestConditional:
@@ -258,7 +258,7 @@ class TestConditional:
 
 class TestFieldDefaults:
     """The defaults study's choice (BENCHMARKS.md, "Defaults", "Guides"): guides (``CNF``,
-    ``cnf``) get ``GUIDE_FIELD`` (silu, input gain 16, scale rate 4), density fitting (ODENet,
+    ``cnf``) get ``GUIDE_FIELD`` (silu, input gain 4, scale rate 4), density fitting (ODENet,
     ``ConditionalCNF``, the nflows adapter) ``tanh`` with ODENet's gains (16, 10, 4)."""
 
     def test_guides_default_to_the_guide_field(self):
@@ -266,11 +266,11 @@ class TestFieldDefaults:
             return (field.hidden_dims, field.activation, field.input_gain, field.time_gain, field.hidden_gain,
                     field.scale_rate)
 
-        assert pyro_cnf.pyro.GUIDE_FIELD == {"activation": "silu", "input_gain": 16.0, "time_gain": 1.0,
+        assert pyro_cnf.pyro.GUIDE_FIELD == {"activation": "silu", "input_gain": 4.0, "time_gain": 1.0,
                                              "hidden_gain": 1.0, "scale_rate": 4.0}
-        assert settings(CNF(2).flow.vector_field) == ((64, 64), "silu", 16.0, 1.0, 1.0, 4.0)
+        assert settings(CNF(2).flow.vector_field) == ((64, 64), "silu", 4.0, 1.0, 1.0, 4.0)
         # other widths keep the rest of the guide field
-        assert settings(cnf(3, [8]).flow.vector_field) == ((8,), "silu", 16.0, 1.0, 1.0, 4.0)
+        assert settings(cnf(3, [8]).flow.vector_field) == ((8,), "silu", 4.0, 1.0, 1.0, 4.0)
         for field in (ODENet(2), pyro_cnf.CNFTransform(2).flow.vector_field, ConditionalCNF(2, 1).flow.vector_field):
             assert settings(field) == ((64, 64), "tanh", 16.0, 10.0, 4.0, 0.0)
 
