@@ -1,9 +1,10 @@
 """Defaults study (issue 12): which ODENet field settings and learning rates learn fastest
 for a user who never changes a setting, across every use the package serves.
 
-A *config* names a field setting ``activation:init:time_gate_scale:hidden[:input_gain[:time_gain[:hidden_gain]]]``, e.g.
-``tanh:zero:0.1:64x64:16:10:4`` (ODENet's defaults, :data:`DEFAULT`) or ``silu:zero:0.1:64x64:16``
-(the Pyro guides' ``GUIDE_FIELD``); gains left out are 1. ``init`` is ``zero`` (last
+A *config* names a field setting
+``activation:init:time_gate_scale:hidden[:input_gain[:time_gain[:hidden_gain[:scale_rate]]]]``, e.g.
+``tanh:zero:0.1:64x64:16:10:4`` (ODENet's defaults, :data:`DEFAULT`) or ``silu:zero:0.1:64x64:4:1:1:4``
+(the Pyro guides' ``GUIDE_FIELD``); gains left out are 1, a scale rate left out 0. ``init`` is ``zero`` (last
 layer zeroed: the flow starts as the identity), ``torch`` (torch's default init) or
 ``small<f>`` (torch's init of the last layer scaled by ``f``, ``small`` = ``small0.1``). Every use is a function
 ``(config, lr, seed, ...) -> metrics``; the study applies the variants that ODENet does not
@@ -577,7 +578,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--uses", type=words, default=["mle", "svi"])
     p.add_argument("--configs", type=lambda s: s.split(","), default=[DEFAULT],
-                   help="comma-separated act:init:gate:hidden")
+                   help="comma-separated act:init:gate:hidden[:input_gain[:time_gain[:hidden_gain[:scale_rate]]]]")
     p.add_argument("--lrs", type=floats, default=list(LRS))
     p.add_argument("--seeds", type=ints, default=[0])
     p.add_argument("--steps", type=int, default=300, help="MLE equal-steps Adam steps")
