@@ -30,9 +30,11 @@ def test_linear_field_matches_the_analytic_map_in_both_modes():
 
 
 @pytest.mark.parametrize("hidden", [(16, 16), (16, 16, 16)])
-def test_closed_form_trace_with_input_gain_matches_autograd(hidden):
+@pytest.mark.parametrize("scale_rate", [0.0, 4.0])
+def test_closed_form_trace_with_input_gain_matches_autograd(hidden, scale_rate):
     torch.manual_seed(0)
-    net = ODENet(3, hidden, context_dim=2, zero_init=False, input_gain=16.0).double().to(CUDA)
+    net = ODENet(3, hidden, context_dim=2, zero_init=False, input_gain=16.0, scale_rate=scale_rate)
+    net = net.double().to(CUDA)
     x, c = torch.randn(5, 3, dtype=torch.float64, device=CUDA), torch.randn(5, 2, dtype=torch.float64, device=CUDA)
     t = torch.tensor(0.3, dtype=torch.float64, device=CUDA)
     f, div = net.divergence(t, x, c)
