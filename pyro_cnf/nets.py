@@ -112,6 +112,13 @@ def _trace_costs(
     return tuple((k, v / forward) for k, v in costs.items())
 
 
+def _fuse_first_two(w_in: Tensor, w2: Tensor) -> Tensor:
+    """``K[j, i, k] = W_in[j, i] W_2[k, j]``, shape ``(h_1, d, h_2)``: with the first slopes
+    ``s_1``, ``s_1 @ K`` is the tangent of the second layer's pre-activations along every
+    basis direction ``e_i`` at once, one GEMM (the start of both forward-mode traces)."""
+    return w_in.unsqueeze(-1) * w2.t().unsqueeze(1)
+
+
 #: The gains of a field without them, as ODENet was before they existed: for recipes tuned
 #: then at learning rates (1e-2 and above) that are too fast for the default gains, and for
 #: fixed coarse grids, whose error a fast-learning field learns to exploit.
@@ -430,7 +437,7 @@ class ODENet(nn.Module):
         scale = torch.Tensor.mul_ if inplace else torch.mul
         n, d = slopes[0].shape[0], w_in.shape[1]
         w2 = layers[1][0]
-        k_in = (w_in.unsqueeze(-1) * w2.t().unsqueeze(1)).reshape(w_in.shape[0], -1)
+        k_in = _fuse_first_two(w_in, w2).reshape(w_in.shape[0], -1)
         tangent = slopes[0] @ k_in  # (N, d h_2): pre-activation tangents of layer 2
         for (w, _), s in zip(layers[2:-2], slopes[1:-2]):  # layers 3 .. L-1
             tangent = scale(tangent.view(n, d, -1), s.unsqueeze(1)).view(n * d, -1) @ w.t()
@@ -483,7 +490,7 @@ class ODENet(nn.Module):
             return weight @ torch.diagonal(w_s[:, :d])
         if len(slopes) == 1:
             return ((weight @ (w_s * w_in.t())) * slopes[0]).sum(-1)
-        fused = w_in.unsqueeze(-1) * layers[1][0].t().unsqueeze(1)  # (h_1, d, h_2): W_in[j, i] W_2[k, j]
+        fused = _fuse_first_two(w_in, layers[1][0])
         if len(slopes) == 2:
             fused = fused * w_s
         tangent = (slopes[0] @ fused.reshape(w_in.shape[0], -1)).view(weight.shape[0], d, -1)
