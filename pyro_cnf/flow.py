@@ -24,8 +24,9 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -33,8 +34,9 @@ from torch import Tensor, nn
 
 from .checks import check_inputs
 from .dynamics import ERROR_NORMS, Counter, Dynamics
-from .nets import ODENet
+from .nets import ODENet, check_widths
 from .ode import Solver, SolverError
+from .presets import Preset, get_preset
 from .trace import AUTO_EXACT_MAX_DIM, ESTIMATORS, NOISES, identity_basis, probe_noise, trace_mode
 
 __all__ = [
@@ -42,8 +44,12 @@ __all__ = [
     "ContinuousFlow",
     "FlowStats",
     "SolverError",
+    "FIELD_OPTIONS",
+    "FLOW_OPTIONS",
+    "build_flow",
     "default_flow",
     "resolve_flow",
+    "takes_settings",
     "standard_normal_log_prob",
 ]
 
@@ -109,6 +115,20 @@ def _setting(holder: str, name: str) -> property:
     return property(get, set, doc=f"The ``{name}`` setting; assigning validates it.")
 
 
+def _tolerance(index: int, training: bool) -> property:
+    """A tolerance as a solve uses it (:meth:`~pyro_cnf.ode.Solver.tolerances`); assigning
+    one gives it, as the constructor's keyword does."""
+    name = ("train_" if training else "") + ("rtol", "atol")[index]
+
+    def get(self: ContinuousFlow) -> float:
+        return self.solver.tolerances(training)[index]
+
+    def set(self: ContinuousFlow, value: float) -> None:
+        object.__setattr__(self, "solver", dataclasses.replace(self.solver, **{name: value}))
+
+    return property(get, set, doc=f"``{name}`` of a solve; assigning validates it.")
+
+
 class ContinuousFlow(nn.Module):
     r"""A continuous normalizing flow: integrates ``(x, log|det|)`` between 0 and ``T``.
 
@@ -128,14 +148,16 @@ class ContinuousFlow(nn.Module):
             exact whenever the field has a closed form, the flow is in eval mode or gradients
             are off, or ``d <= AUTO_EXACT_MAX_DIM``; Hutchinson otherwise).
         noise: Hutchinson probes, ``"rademacher"`` or ``"gaussian"``, drawn once per solve.
-        method, rtol, atol, train_rtol, train_atol, steps, adjoint, options, adjoint_options,
-            backend: The ODE solver, see :class:`pyro_cnf.ode.Solver`. The default is
+        solver: A :class:`pyro_cnf.ode.Solver` holding the solver settings (its defaults:
             adaptive ``dopri5`` at ``rtol = atol = 1e-5``, loosened to ``1e-3`` for a solve
-            that is differentiated in training mode (``flow.train()`` with gradients on;
-            ``flow.eval()`` or ``torch.no_grad()`` give the accurate solve). It runs on
-            pyro_cnf's own Runge-Kutta; so do ``rk4``, ``midpoint``, ``euler`` and ``dopri5``
-            on a grid of ``steps`` (fifth-order steps, ``6 steps + 1`` evaluations). The
-            adjoint and every other method go to torchdiffeq.
+            that is differentiated in training mode when no tolerance is given at all).
+        method, rtol, atol, train_rtol, train_atol, steps, adjoint, options, adjoint_options,
+            backend: Shortcuts for the :class:`~pyro_cnf.ode.Solver` settings of the same
+            names; each one given replaces ``solver``'s. A tolerance given applies to every
+            solve, training included, unless ``train_rtol``/``train_atol`` are given too.
+            The own Runge-Kutta runs ``dopri5``, ``rk4``, ``midpoint``, ``euler`` and
+            ``dopri5`` on a grid of ``steps`` (fifth-order steps, ``6 steps + 1``
+            evaluations); the adjoint and every other method go to torchdiffeq.
         error_norm: ``"mixed"`` (torchdiffeq's RMS per state component, pooled over the
             batch) or ``"per_sample"`` (worst sample's RMS: a sample's log-density no
             longer depends on its batch-mates beyond the tolerance).
@@ -166,27 +188,33 @@ class ContinuousFlow(nn.Module):
         T: float = 1.0,
         trace: str = "auto",
         noise: str = "rademacher",
-        method: str = "dopri5",
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
-        train_rtol: float | None = 1e-3,
-        train_atol: float | None = 1e-3,
-        steps: int | None = None,
-        adjoint: bool = False,
-        options: Mapping[str, Any] | None = None,
-        adjoint_options: Mapping[str, Any] | None = None,
         error_norm: str = "mixed",
         regularize: bool = False,
-        backend: str = "auto",
+        solver: Solver | None = None,
+        method: str | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+        train_rtol: float | None = None,
+        train_atol: float | None = None,
+        steps: int | None = None,
+        adjoint: bool | None = None,
+        options: Mapping[str, Any] | None = None,
+        adjoint_options: Mapping[str, Any] | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         if not callable(vector_field):
             raise TypeError(f"vector_field must be a callable module, got {type(vector_field).__name__}")
+        if solver is not None and not isinstance(solver, Solver):
+            raise TypeError(f"solver must be a pyro_cnf.ode.Solver, got {type(solver).__name__}")
+        shortcuts = dict(method=method, rtol=rtol, atol=atol, train_rtol=train_rtol, train_atol=train_atol,
+                         steps=steps, adjoint=adjoint, options=options, adjoint_options=adjoint_options,
+                         backend=backend)
+        given = {name: value for name, value in shortcuts.items() if value is not None}
         self.vector_field = vector_field
         self._estimation = _Estimation(T, trace, noise, error_norm, regularize)
-        self.solver = Solver(
-            method, rtol, atol, train_rtol, train_atol, steps, adjoint, options or {}, adjoint_options, backend
-        )
+        self.solver = dataclasses.replace(solver, **given) if solver is not None else Solver(**given)
+        self.preset: str | None = None
         self._counter = Counter()
         self.nfe = 0
 
@@ -196,10 +224,10 @@ class ContinuousFlow(nn.Module):
     error_norm = _setting("_estimation", "error_norm")
     regularize = _setting("_estimation", "regularize")
     method = _setting("solver", "method")
-    rtol = _setting("solver", "rtol")
-    atol = _setting("solver", "atol")
-    train_rtol = _setting("solver", "train_rtol")
-    train_atol = _setting("solver", "train_atol")
+    rtol = _tolerance(0, training=False)
+    atol = _tolerance(1, training=False)
+    train_rtol = _tolerance(0, training=True)
+    train_atol = _tolerance(1, training=True)
     steps = _setting("solver", "steps")
     adjoint = _setting("solver", "adjoint")
     options = _setting("solver", "options")
@@ -224,6 +252,17 @@ class ContinuousFlow(nn.Module):
         object.__setattr__(self, "_estimation", estimation)
         object.__setattr__(self, "solver", solver)
         return self
+
+    def extra_repr(self) -> str:
+        settings = {"preset": self.preset, "T": self.T, "trace": self.trace, "method": self.method}
+        if self.solver.steps is not None or not self.solver.adaptive:
+            settings["steps"] = self.steps
+        else:
+            settings.update(rtol=self.rtol, atol=self.atol, train_rtol=self.train_rtol, train_atol=self.train_atol)
+        defaults = {"noise": "rademacher", "error_norm": "mixed", "regularize": False, "adjoint": False,
+                    "backend": "auto", "options": {}}
+        settings.update({k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v})
+        return ", ".join(f"{k}={v!r}" for k, v in settings.items() if not (k == "preset" and v is None))
 
     @property
     def input_dim(self) -> int | None:
@@ -373,61 +412,121 @@ class ContinuousFlow(nn.Module):
         )
 
 
-#: The :func:`default_flow` keywords that go to the :class:`~pyro_cnf.ODENet` field.
-FIELD_OPTIONS = frozenset(
-    {"activation", "zero_init", "time_gate_scale", "input_gain", "time_gain", "hidden_gain", "scale_rate"}
-)
+#: The settings of :func:`default_flow` and the adapters that go to the :class:`~pyro_cnf.ODENet`
+#: field: ODENet's own keywords (``hidden_dims`` has a parameter of its own).
+FIELD_OPTIONS = frozenset(inspect.signature(ODENet).parameters) - {"input_dim", "context_dim", "hidden_dims"}
+#: The settings that go to the :class:`ContinuousFlow`: its own keywords.
+FLOW_OPTIONS = frozenset(inspect.signature(ContinuousFlow).parameters) - {"vector_field"}
+
+
+def takes_settings(function: Callable) -> Callable:
+    """Show the field and flow settings that ``function`` takes through ``**settings`` in its
+    signature, as keyword-only parameters (``None``: the preset's value), so that ``help()``
+    and editors list them. The names come from :data:`FIELD_OPTIONS` and
+    :data:`FLOW_OPTIONS`, which the signatures of ODENet and ContinuousFlow define."""
+    signature = inspect.signature(function)
+    own = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    sources = (inspect.signature(ODENet).parameters, inspect.signature(ContinuousFlow).parameters)
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=source[name].annotation)
+        for source, names in zip(sources, (FIELD_OPTIONS, FLOW_OPTIONS))
+        for name in source if name in names and name not in signature.parameters
+    ]
+    function.__signature__ = signature.replace(parameters=own + extra)
+    return function
+
+
+def build_flow(
+    owner: str,
+    input_dim: int,
+    context_dim: int,
+    preset: str | Preset,
+    hidden_dims: Sequence[int] | None,
+    settings: Mapping[str, Any],
+) -> ContinuousFlow:
+    """A :class:`ContinuousFlow` over an :class:`~pyro_cnf.ODENet` from ``preset`` with
+    ``settings`` replacing its values; ``owner`` (the class or function the user called) is
+    named in every error."""
+    preset = get_preset(preset, owner)
+    settings = {k: v for k, v in settings.items() if v is not None}  # None: the preset's value
+    unknown = set(settings) - FIELD_OPTIONS - FLOW_OPTIONS
+    if unknown:
+        raise TypeError(
+            f"{owner}() got unexpected keyword argument(s) {', '.join(map(repr, sorted(unknown)))}; its settings "
+            f"are the field's {sorted(FIELD_OPTIONS)} and the flow's {sorted(FLOW_OPTIONS)}"
+        )
+    field = {**preset.field, **{k: v for k, v in settings.items() if k in FIELD_OPTIONS}}
+    if hidden_dims is not None:
+        field["hidden_dims"] = check_widths(hidden_dims, owner)
+    flow_settings = {k: v for k, v in settings.items() if k in FLOW_OPTIONS}
+    # a method chosen by the user comes without the preset's grid
+    inherited = {k: v for k, v in preset.flow.items() if not ("method" in flow_settings and k in ("steps", "options"))}
+    flow = ContinuousFlow(ODENet(input_dim, context_dim=context_dim, **field), **{**inherited, **flow_settings})
+    flow.preset = preset.name
+    return flow
 
 
 def default_flow(
     input_dim: int,
     hidden_dims: Sequence[int] | None = None,
     context_dim: int = 0,
-    **kwargs: Any,
+    *,
+    preset: str | Preset = "density",
+    **settings: Any,
 ) -> ContinuousFlow:
     """A :class:`ContinuousFlow` over an :class:`~pyro_cnf.ODENet` field, as the adapters build it.
 
-    ``hidden_dims`` defaults to ODENet's ``(64, 64)``; the field options
-    (:data:`FIELD_OPTIONS`: ``activation``, ``zero_init``, ``time_gate_scale``, the three
-    gains and ``scale_rate``) go to the field, with ODENet's defaults, and everything else to the flow.
+    Arguments:
+        input_dim: The dimension ``d``.
+        hidden_dims: The field's hidden widths (the preset's when ``None``).
+        context_dim: The context dimension, 0 for none.
+        preset: A name in :data:`~pyro_cnf.presets.PRESETS`, where the settings start.
+        **settings: Field options (:data:`FIELD_OPTIONS`) and flow settings
+            (:data:`FLOW_OPTIONS`), each replacing the preset's.
 
     Example:
         >>> flow = default_flow(3, (16,), activation="silu", method="rk4", steps=4)
-        >>> flow.vector_field.activation, flow.method
-        ('silu', 'rk4')
+        >>> flow.vector_field.activation, flow.method, flow.preset
+        ('silu', 'rk4', 'density')
     """
-    field_kwargs = {name: kwargs.pop(name) for name in FIELD_OPTIONS & kwargs.keys()}
-    if hidden_dims is not None:
-        field_kwargs["hidden_dims"] = tuple(hidden_dims)
-    return ContinuousFlow(ODENet(input_dim, context_dim=context_dim, **field_kwargs), **kwargs)
+    return build_flow("default_flow", input_dim, context_dim, preset, hidden_dims, settings)
+
+
+takes_settings(default_flow)
 
 
 def resolve_flow(
+    owner: str,
     flow: ContinuousFlow | None,
     input_dim: int,
+    context_dim: int | None,
+    preset: str | Preset | None,
+    default_preset: str,
     hidden_dims: Sequence[int] | None,
-    context_dim: int,
-    flow_kwargs: Mapping[str, Any],
+    settings: Mapping[str, Any],
 ) -> ContinuousFlow:
-    """The flow an adapter wraps: ``flow`` as given (checked against ``input_dim`` and
-    ``context_dim``), or a :func:`default_flow` built from the settings; not both.
+    """The flow an adapter (``owner``) wraps: ``flow`` as given, checked against
+    ``input_dim`` and ``context_dim`` (``None``: the flow's), or one built from ``preset``
+    (``default_preset`` when ``None``) and the settings; not both.
 
     Example:
-        >>> resolve_flow(None, 2, (8,), 0, {}).input_dim
-        2
-        >>> resolve_flow(default_flow(2), 3, None, 0, {})
+        >>> resolve_flow("CNF", None, 2, None, None, "guide", (8,), {}).vector_field.activation
+        'silu'
+        >>> resolve_flow("CNF", default_flow(2), 3, None, None, "guide", None, {})
         Traceback (most recent call last):
         ...
-        ValueError: input_dim=3 but the flow's field has input_dim=2
+        ValueError: CNF: input_dim=3 but the flow's field has input_dim=2
     """
     if flow is None:
-        return default_flow(input_dim, hidden_dims, context_dim, **flow_kwargs)
-    if flow_kwargs:
-        raise ValueError(f"pass either flow= or flow settings, not both (got {sorted(flow_kwargs)})")
+        return build_flow(owner, input_dim, context_dim or 0, preset or default_preset, hidden_dims, settings)
+    given = sorted([*settings, *(["hidden_dims"] if hidden_dims is not None else []),
+                    *(["preset"] if preset is not None else [])])
+    if given:
+        raise ValueError(f"{owner}: pass either flow= or settings to build one, not both (got {given})")
     if not isinstance(flow, ContinuousFlow):
-        raise TypeError(f"flow must be a ContinuousFlow, got {type(flow).__name__}")
+        raise TypeError(f"{owner}: flow must be a ContinuousFlow, got {type(flow).__name__}")
     if flow.input_dim not in (None, input_dim):
-        raise ValueError(f"input_dim={input_dim} but the flow's field has input_dim={flow.input_dim}")
-    if flow.context_dim is not None and flow.context_dim != context_dim:
-        raise ValueError(f"context_dim={context_dim} but the flow's field has context_dim={flow.context_dim}")
+        raise ValueError(f"{owner}: input_dim={input_dim} but the flow's field has input_dim={flow.input_dim}")
+    if context_dim is not None and flow.context_dim is not None and flow.context_dim != context_dim:
+        raise ValueError(f"{owner}: context_dim={context_dim} but the flow's field has context_dim={flow.context_dim}")
     return flow

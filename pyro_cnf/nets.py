@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .presets import PRESETS
+
 __all__ = ["ODENet", "ACTIVATIONS", "TRACE_COST_MODEL"]
 
 
@@ -119,13 +121,29 @@ def _fuse_first_two(w_in: Tensor, w2: Tensor) -> Tensor:
     return w_in.unsqueeze(-1) * w2.t().unsqueeze(1)
 
 
-#: The gains of a field without them, as ODENet was before they existed: for recipes tuned
-#: then at learning rates (1e-2 and above) that are too fast for the default gains, and for
-#: fixed coarse grids, whose error a fast-learning field learns to exploit.
-NO_GAINS: dict[str, float] = {"input_gain": 1.0, "time_gain": 1.0, "hidden_gain": 1.0}
-
 #: The settings a checkpoint written before they existed was made with.
-_BEFORE_OPTIONS: dict[str, float] = {**NO_GAINS, "scale_rate": 0.0}
+_BEFORE_OPTIONS: dict[str, float] = {"input_gain": 1.0, "time_gain": 1.0, "hidden_gain": 1.0, "scale_rate": 0.0}
+#: ODENet's defaults: the density preset's field.
+_DEFAULT = PRESETS["density"].field
+
+
+def check_widths(hidden_dims: Sequence[int], owner: str = "ODENet") -> tuple[int, ...]:
+    """``hidden_dims`` as a tuple of positive ints, or a ``TypeError``/``ValueError`` that names
+    ``owner``.
+
+    Example:
+        >>> check_widths([32, 32])
+        (32, 32)
+        >>> check_widths(32, "CNF")
+        Traceback (most recent call last):
+        ...
+        TypeError: CNF: hidden_dims must be a sequence of layer widths such as (64, 64), got 32
+    """
+    if isinstance(hidden_dims, (str, bytes)) or not isinstance(hidden_dims, Sequence):
+        raise TypeError(f"{owner}: hidden_dims must be a sequence of layer widths such as (64, 64), got {hidden_dims!r}")
+    if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden_dims):
+        raise ValueError(f"{owner}: hidden_dims must hold positive integers, got {tuple(hidden_dims)}")
+    return tuple(hidden_dims)
 
 
 class ODENet(nn.Module):
@@ -153,14 +171,13 @@ class ODENet(nn.Module):
     product :math:`\mathrm{tr}(D_1 W'_{1,x} W'_{L+1} D_L W'_L \cdots D_2 W'_2)`
     (:math:`O(h^3)` per sample and layer, one layer fewer, independent of ``d``).
 
+    The defaults are the ``"density"`` preset's field (:data:`pyro_cnf.presets.PRESETS`).
+
     Arguments:
         input_dim: The dimension ``d`` of ``x``.
         hidden_dims: The widths of the hidden layers (``()`` gives a linear field).
         context_dim: The dimension of the context, 0 for none.
-        activation: One of :data:`ACTIVATIONS`. The default ``tanh`` learns fastest by
-            maximum likelihood and flow matching (BENCHMARKS.md, "Defaults"); the Pyro
-            adapter's guides use ``silu``, whose unbounded growth a guide needs to reach
-            heavy tails.
+        activation: One of :data:`ACTIVATIONS`.
         zero_init: Zero the last layer so that a new flow is the identity map.
         time_gate_scale: Standard deviation of the initial time-gate slopes ``a`` (time
             enters each unit through :math:`\sigma(a t + g)`). The default 0.1 starts a
@@ -178,26 +195,16 @@ class ODENet(nn.Module):
             Adam its dependence on ``t`` learns ``time_gain`` times faster.
         hidden_gain: The same for the weights and biases of the hidden-to-hidden layers
             (stored divided by it: the same new map, learning ``hidden_gain`` times
-            faster). The three gains' defaults (16, 10, 4) won the defaults study at every
-            use of a density field at Adam 5e-4 and 1e-3 (maximum likelihood at equal steps
-            and CPU time, flow matching, the conditional estimator); at 1e-2, which they
-            make too fast, they tie at equal steps and lose at equal CPU time, so train them
-            at 1e-3 (:class:`~pyro_cnf.training.Trainer`'s default) and use :data:`NO_GAINS`
-            for settings tuned at higher rates. Pyro's guides keep time and hidden gains of 1
-            (:data:`pyro_cnf.pyro.GUIDE_FIELD`), which SVI's noisier gradients need at
-            lr >= 5e-3 (BENCHMARKS.md, "Gains"). Gains are part of the architecture that
-            ``load_state_dict`` checks.
+            faster). Gains are part of the architecture that ``load_state_dict`` checks;
+            which gains suit which learning rate is said once, in :mod:`pyro_cnf.presets`.
         scale_rate: With :math:`r > 0`, a term :math:`r \tanh(s / r) \odot x` in the field:
             each coordinate grows or shrinks at a log-rate, at most :math:`r`, that the net
             computes from all coordinates, so an affine autoregressive map such as a
             funnel's, :math:`x_i = e^{z/2} \epsilon_i`, is a simple field (without it an
             MLP must build the product :math:`z x_i` from its units). The exact trace adds
             the diagonal of :math:`\partial s / \partial x`, forward mode along the ``d``
-            basis directions, a cost that grows with ``d`` (the differentiated trace of a
-            64x64 field, 16 samples: 2x the plain field's at ``d = 10``, 2.5x at 30, 7x at
-            100; still below ``d`` VJPs). 0, the default, leaves :math:`f = a`; Pyro's guides
-            use 4 (:data:`pyro_cnf.pyro.GUIDE_FIELD`; BENCHMARKS.md, "Scale rate").
-            Architecture.
+            basis directions, a cost that grows with ``d`` (still below ``d`` VJPs). 0
+            leaves :math:`f = a`. Architecture.
 
     :meth:`jvp` gives :math:`J v` in forward mode (one extra matmul per layer), which makes
     Hutchinson's estimator and the RNODE Frobenius penalty free of autograd as well.
@@ -215,15 +222,15 @@ class ODENet(nn.Module):
     def __init__(
         self,
         input_dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
+        hidden_dims: Sequence[int] = _DEFAULT["hidden_dims"],
         context_dim: int = 0,
-        activation: str = "tanh",
+        activation: str = _DEFAULT["activation"],
         zero_init: bool = True,
-        time_gate_scale: float = 0.1,
-        input_gain: float = 16.0,
-        time_gain: float = 10.0,
-        hidden_gain: float = 4.0,
-        scale_rate: float = 0.0,
+        time_gate_scale: float = _DEFAULT["time_gate_scale"],
+        input_gain: float = _DEFAULT["input_gain"],
+        time_gain: float = _DEFAULT["time_gain"],
+        hidden_gain: float = _DEFAULT["hidden_gain"],
+        scale_rate: float = _DEFAULT["scale_rate"],
     ) -> None:
         super().__init__()
         try:
@@ -241,11 +248,10 @@ class ODENet(nn.Module):
             raise ValueError(f"scale_rate must be a finite number >= 0, got {scale_rate!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if input_dim < 1 or context_dim < 0 or any(h < 1 for h in hidden_dims):
-            raise ValueError(
-                "expected input_dim >= 1, context_dim >= 0 and positive hidden_dims, got "
-                f"input_dim={input_dim}, context_dim={context_dim}, hidden_dims={tuple(hidden_dims)}"
-            )
+        hidden_dims = check_widths(hidden_dims)
+        if input_dim < 1 or context_dim < 0:
+            raise ValueError(f"expected input_dim >= 1 and context_dim >= 0, got input_dim={input_dim}, "
+                             f"context_dim={context_dim}")
         self.input_dim = input_dim
         self.context_dim = context_dim
         self.hidden_dims = tuple(hidden_dims)
@@ -280,6 +286,12 @@ class ODENet(nn.Module):
         if zero_init:
             nn.init.zeros_(self.linears[-1].weight)
             nn.init.zeros_(self.linears[-1].bias)
+
+    def extra_repr(self) -> str:
+        options = {**self.get_extra_state()}
+        if not options["context_dim"]:
+            del options["context_dim"]
+        return ", ".join(f"{k}={v!r}" for k, v in options.items())
 
     def get_extra_state(self) -> dict:
         return {

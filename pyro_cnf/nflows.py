@@ -18,7 +18,8 @@ from nflows.flows import Flow
 from nflows.transforms.base import CompositeTransform, InverseTransform, Transform
 from torch import Tensor
 
-from .flow import ContinuousFlow, resolve_flow
+from .flow import ContinuousFlow, resolve_flow, takes_settings
+from .presets import Preset, get_preset
 
 __all__ = ["CNFFlow", "CNFTransform", "forward_without_logdet", "inverse_without_logdet"]
 
@@ -30,13 +31,22 @@ class CNFTransform(Transform):
     ``inverse(inputs, context)`` noise -> data; both return ``(outputs, logabsdet)`` with
     ``logabsdet = log|det d outputs / d inputs|`` of shape ``[batch]``, from one solve.
 
+    Built from the ``"density"`` preset unless ``preset=`` says otherwise.
+
     Arguments:
-        input_dim: The feature dimension ``d``.
-        hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field.
-        context_dim: The context dimension for a conditional flow, or ``None``.
+        input_dim: The feature dimension ``d`` (nflows' name, ``features``, works too).
+        hidden_dims: Hidden widths of the :class:`~pyro_cnf.ODENet` field, the preset's
+            when ``None`` (``hidden_features``: an int, the width of each of the preset's
+            layers, or a sequence of widths).
+        context_dim: The context dimension of a conditional flow (``context_features``);
+            the flow's when ``flow`` is given and this is ``None``.
+        preset: A name in :data:`~pyro_cnf.presets.PRESETS` (or a
+            :class:`~pyro_cnf.presets.Preset`) where the settings start; ``None``:
+            ``"density"``.
         flow: A :class:`~pyro_cnf.ContinuousFlow` to wrap instead of building one.
-        **flow_kwargs: The field options of :func:`~pyro_cnf.default_flow` (ODENet's
-            defaults), the rest for :class:`~pyro_cnf.ContinuousFlow`.
+        **settings: Each replaces the preset's value: the field options of
+            :class:`~pyro_cnf.ODENet` and the settings of :class:`~pyro_cnf.ContinuousFlow`
+            (``trace``, ``method``, ``rtol``, ...); the signature lists them all.
 
     Example:
         >>> from nflows.distributions import StandardNormal
@@ -44,20 +54,32 @@ class CNFTransform(Transform):
         >>> flow = Flow(CNFTransform(2, hidden_dims=(16, 16)), StandardNormal([2]))
         >>> flow.log_prob(torch.randn(8, 2)).shape
         torch.Size([8])
+        >>> CNFTransform(features=3, hidden_features=32).flow.vector_field.hidden_dims
+        (32, 32)
     """
 
+    @takes_settings
     def __init__(
         self,
-        input_dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
+        input_dim: int | None = None,
+        hidden_dims: Sequence[int] | None = None,
         *,
         context_dim: int | None = None,
+        preset: str | Preset | None = None,
         flow: ContinuousFlow | None = None,
-        **flow_kwargs: Any,
+        features: int | None = None,
+        context_features: int | None = None,
+        hidden_features: int | Sequence[int] | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
+        input_dim = _one_of("input_dim", input_dim, "features", features, required=True)
+        context_dim = _one_of("context_dim", context_dim, "context_features", context_features)
+        hidden_dims = _one_of("hidden_dims", hidden_dims, "hidden_features", hidden_features)
+        if isinstance(hidden_dims, int) and hidden_features is not None:  # nflows' width of every layer
+            hidden_dims = (hidden_dims,) * len(get_preset(preset or "density", "CNFTransform").field["hidden_dims"])
         self.input_dim = input_dim
-        self.flow = resolve_flow(flow, input_dim, hidden_dims, context_dim or 0, flow_kwargs)
+        self.flow = resolve_flow("CNFTransform", flow, input_dim, context_dim, preset, "density", hidden_dims, settings)
 
     def _solve(
         self, inputs: Tensor, context: Tensor | None, reverse: bool, logdet: bool = True
@@ -86,6 +108,15 @@ class CNFTransform(Transform):
         """Noise -> data, the outputs of :meth:`inverse` alone: one solve without the
         trace, what sampling needs (see :class:`CNFFlow`)."""
         return self._solve(inputs, context, reverse=True, logdet=False)[0]
+
+
+def _one_of(name: str, value: Any, alias: str, alias_value: Any, required: bool = False) -> Any:
+    """A setting given by our name or nflows' (``alias``), not both."""
+    if value is not None and alias_value is not None:
+        raise TypeError(f"CNFTransform: pass {name} or nflows' name {alias}, not both")
+    if required and value is None and alias_value is None:
+        raise TypeError(f"CNFTransform: missing the feature dimension: pass {name} (or nflows' name {alias})")
+    return alias_value if value is None else value
 
 
 def _outputs(transform: Transform, inputs: Tensor, context: Tensor | None, inverse: bool) -> Tensor:

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-from .flow import ContinuousFlow, resolve_flow
+from .flow import ContinuousFlow, resolve_flow, takes_settings
+from .presets import Preset
 
-__all__ = ["CNF", "ConditionalCNF", "ConditionedCNF", "GUIDE_FIELD", "cnf", "conditional_cnf"]
+__all__ = ["CNF", "ConditionalCNF", "ConditionedCNF", "cnf", "conditional_cnf"]
 
 
 class ConditionedCNF(Transform):
@@ -39,24 +40,19 @@ class ConditionedCNF(Transform):
       one solve with the trace.
     - ``sample()``: ``TransformedDistribution.sample`` runs the transforms under
       ``torch.no_grad()``, and there ``_call`` solves without the trace
-      (``logdet=False``), the cost of drawing and nothing more (measured on 10 000
-      points: a quarter to a third of a traced solve for a 2x64 ``ODENet``, under a
-      thirtieth for 4x64, whose closed-form trace carries a per-sample Jacobian; see
-      the README).
+      (``logdet=False``), the cost of drawing and nothing more.
     - ``log_prob`` of a point drawn by ``sample()`` (or by ``cnf(z)`` under
-      ``no_grad``): the log-determinant was not integrated, so the first
-      :meth:`log_abs_det_jacobian` on that cached pair solves once more, base -> data
-      from the cached ``z`` with the trace (one solve with the trace, as for fresh
-      data), and caches it for later calls. Drawing and scoring then costs a trace-free
-      solve plus a traced one: 1.2-1.3x the one traced solve of ``rsample`` +
-      ``log_prob`` for a 2x64 ``ODENet``, about 1x for 4x64, at most 2x. When every
+      ``no_grad``): such a draw is not cached, so ``log_prob`` solves data -> base from
+      the point itself, with the trace, as for fresh data: one traced solve, as accurate
+      as scoring fresh data. Drawing and scoring then costs a trace-free solve plus a
+      traced one, at most 2x the one traced solve of ``rsample`` + ``log_prob``. When every
       sample will be scored, draw with ``rsample`` under grad, or set
       :attr:`trace_free_without_grad` to ``False`` (one traced solve under ``no_grad``
       too).
     """
 
-    #: Skip the trace in ``_call`` when gradients are disabled (the log-det is then
-    #: computed on demand by :meth:`log_abs_det_jacobian`). Set it to ``False`` on an
+    #: Skip the trace in ``_call`` when gradients are disabled (a later ``log_prob`` then
+    #: solves from the drawn point). Set it to ``False`` on an
     #: instance, or on ``ConditionedCNF`` itself for every transform (those that
     #: ``ConditionalCNF.condition`` makes included), to integrate it in the same solve.
     trace_free_without_grad: bool = True
@@ -71,12 +67,19 @@ class ConditionedCNF(Transform):
         self.context = context
         self._cached_ladj: Tensor | None = None
 
+    def __call__(self, z: Tensor) -> Tensor:
+        if self._cache_size and self._trace_free():
+            # Not cached: log_prob of the drawn x then solves data -> base from x itself, as for
+            # fresh data, so its accuracy is a fresh solve's. (Scoring the cached z instead would
+            # add the trace-free solve's error in x, amplified by the density's gradient.)
+            return self._call(z)
+        return super().__call__(z)
+
+    def _trace_free(self) -> bool:
+        return self.trace_free_without_grad and not torch.is_grad_enabled()
+
     def _call(self, z: Tensor) -> Tensor:
-        if self.trace_free_without_grad and not torch.is_grad_enabled():
-            x, _ = self.flow(z, self.context, reverse=True, logdet=False)
-            self._cached_ladj = None  # log_abs_det_jacobian computes it if asked
-            return x
-        x, ladj = self.flow(z, self.context, reverse=True)
+        x, ladj = self.flow(z, self.context, reverse=True, logdet=not self._trace_free())
         self._cached_ladj = ladj
         return x
 
@@ -88,9 +91,7 @@ class ConditionedCNF(Transform):
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
         """``log|det dx/dz|`` of the base -> data map, shape = batch shape."""
         z_old, x_old = getattr(self, "_cached_x_y", (None, None))
-        if z is z_old and x is x_old:
-            if self._cached_ladj is None:  # drawn without the trace: integrate it from z now
-                self._cached_ladj = self.flow(z, self.context, reverse=True)[1]
+        if z is z_old and x is x_old and self._cached_ladj is not None:
             return self._cached_ladj
         return self.flow(z, self.context, reverse=True)[1]  # leaves the cached pair intact
 
@@ -109,36 +110,32 @@ class ConditionedCNF(Transform):
         self._cached_ladj = None
 
 
-#: The field settings :class:`CNF` uses when it is given no ``flow`` (keywords of
-#: :func:`~pyro_cnf.default_flow`; any of them may be passed instead). :class:`CNF` is what
-#: ``AutoNormalizingFlow`` and NeuTra guides are made of, and a guide fit by reverse KL must
-#: stretch the base out to the posterior's tails and learn scales that depend on other
-#: coordinates (a funnel's): ``silu`` units grow linearly where ``tanh``, ODENet's default for
-#: density fitting, saturates; a scale rate (``scale_rate``) lets the field scale each
-#: coordinate at a rate set by the others, the map of an affine autoregressive flow; and a
-#: first layer that starts sharper and learns faster (``input_gain``) makes the first steps
-#: fast (BENCHMARKS.md, "Scale rate"). ODENet's faster time and hidden layers (``time_gain``,
-#: ``hidden_gain``) are left out: SVI's noisier gradients make them cost at lr 5e-3 and above
-#: (BENCHMARKS.md, "Gains").
-GUIDE_FIELD: dict[str, Any] = {
-    "activation": "silu", "input_gain": 4.0, "time_gain": 1.0, "hidden_gain": 1.0, "scale_rate": 4.0
-}
-
-
 def _clear_cache_after_load(module: ConditionedCNF, incompatible_keys: Any) -> None:
     module.clear_cache()  # new parameters: the cached pair is stale
 
 
+_SETTINGS_DOC = """preset: A name in :data:`~pyro_cnf.presets.PRESETS` (or a :class:`~pyro_cnf.presets.Preset`)
+            where the field and solver settings start; ``None``: the class's own.
+        flow: A :class:`~pyro_cnf.ContinuousFlow` to wrap instead of building one.
+        **settings: Each replaces the preset's value: the field options of
+            :class:`~pyro_cnf.ODENet` (``activation``, ``input_gain``, ``scale_rate``, ...) and
+            the settings of :class:`~pyro_cnf.ContinuousFlow` (``trace``, ``method``,
+            ``rtol``, ``atol``, ``adjoint``, ...); the signature lists them all."""
+
+
 class CNF(ConditionedCNF, TransformModule):
-    """Continuous normalizing flow as a Pyro :class:`TransformModule` (base -> data).
+    __doc__ = """Continuous normalizing flow as a Pyro :class:`TransformModule` (base -> data).
+
+    Built from the ``"guide"`` preset unless told otherwise: ``CNF`` is what
+    ``AutoNormalizingFlow`` and NeuTra guides are made of. For a density fit by
+    likelihood, pass ``preset="density"``.
 
     Arguments:
         input_dim: The event dimension ``d``.
-        hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field.
-        flow: A :class:`~pyro_cnf.ContinuousFlow` to wrap instead of building one.
-        **flow_kwargs: The field options of :func:`~pyro_cnf.default_flow` (defaults from
-            :data:`GUIDE_FIELD`, else ODENet's), the rest for
-            :class:`~pyro_cnf.ContinuousFlow` (``trace``, ``method``, ``rtol``, ``adjoint``, ...).
+        hidden_dims: Hidden widths of the :class:`~pyro_cnf.ODENet` field (the preset's
+            when ``None``).
+        cache_size: Pyro's transform cache, 0 or 1.
+        %s
 
     Example:
         >>> import pyro.distributions as dist
@@ -148,36 +145,42 @@ class CNF(ConditionedCNF, TransformModule):
         >>> x = flow_dist.rsample((5,))
         >>> flow_dist.log_prob(x).shape  # served from the cache: one solve in all
         torch.Size([5])
-    """
+        >>> transform.flow.preset, transform.flow.vector_field.activation
+        ('guide', 'silu')
+    """ % _SETTINGS_DOC
 
+    __repr__ = torch.nn.Module.__repr__
+
+    @takes_settings
     def __init__(
         self,
         input_dim: int,
-        hidden_dims: Sequence[int] | None = (64, 64),
+        hidden_dims: Sequence[int] | None = None,
         *,
+        preset: str | Preset | None = None,
         flow: ContinuousFlow | None = None,
         cache_size: int = 1,
-        **flow_kwargs: Any,
+        **settings: Any,
     ) -> None:
-        if flow is None:
-            flow_kwargs = {**GUIDE_FIELD, **flow_kwargs}
-        super().__init__(resolve_flow(flow, input_dim, hidden_dims, 0, flow_kwargs), None, cache_size=cache_size)
+        flow = resolve_flow("CNF", flow, input_dim, 0, preset, "guide", hidden_dims, settings)
+        super().__init__(flow, None, cache_size=cache_size)
         self.input_dim = input_dim
         self.register_load_state_dict_post_hook(_clear_cache_after_load)
 
 
 class ConditionalCNF(ConditionalTransformModule):
-    """Conditional continuous flow; ``condition(context)`` returns a caching transform.
+    __doc__ = """Conditional continuous flow; ``condition(context)`` returns a caching transform.
+
+    Built from the ``"density"`` preset unless told otherwise (a conditional density fit
+    by likelihood, as nflows' :class:`~pyro_cnf.CNFTransform` is).
 
     Arguments:
         input_dim: The event dimension ``d``.
-        context_dim: The context dimension ``c``; context batch dims broadcast against
-            the input's.
-        hidden_dims: Hidden widths of the default :class:`~pyro_cnf.ODENet` field.
-        flow: A conditional :class:`~pyro_cnf.ContinuousFlow` to wrap instead.
-        **flow_kwargs: The field options of :func:`~pyro_cnf.default_flow` (ODENet's
-            defaults, made for conditional density fitting), the rest for
-            :class:`~pyro_cnf.ContinuousFlow`.
+        context_dim: The context dimension ``c`` (the flow's when ``flow`` is given and
+            this is ``None``); context batch dims broadcast against the input's.
+        hidden_dims: Hidden widths of the :class:`~pyro_cnf.ODENet` field (the preset's
+            when ``None``).
+        %s
 
     Example:
         >>> import pyro.distributions as dist
@@ -186,28 +189,35 @@ class ConditionalCNF(ConditionalTransformModule):
         >>> flow_dist = dist.ConditionalTransformedDistribution(base, [transform])
         >>> flow_dist.condition(torch.randn(3)).sample((4,)).shape
         torch.Size([4, 2])
-    """
+    """ % _SETTINGS_DOC
 
+    @takes_settings
     def __init__(
         self,
         input_dim: int,
-        context_dim: int,
-        hidden_dims: Sequence[int] | None = (64, 64),
+        context_dim: int | None = None,
+        hidden_dims: Sequence[int] | None = None,
         *,
+        preset: str | Preset | None = None,
         flow: ContinuousFlow | None = None,
-        **flow_kwargs: Any,
+        **settings: Any,
     ) -> None:
         super().__init__()
+        if flow is None and context_dim is None:
+            raise TypeError("ConditionalCNF: context_dim is required (or pass flow= with a conditional field)")
+        self.flow = resolve_flow("ConditionalCNF", flow, input_dim, context_dim, preset, "density", hidden_dims,
+                                 settings)
         self.input_dim = input_dim
-        self.context_dim = context_dim
-        self.flow = resolve_flow(flow, input_dim, hidden_dims, context_dim, flow_kwargs)
+        self.context_dim = self.flow.context_dim if context_dim is None else context_dim
 
     def condition(self, context: Tensor) -> ConditionedCNF:
         return ConditionedCNF(self.flow, context)
 
 
-def cnf(input_dim: int, hidden_dims: Sequence[int] | None = None, **kwargs: Any) -> CNF:
-    """A :class:`CNF` in Pyro's factory manner; the field defaults to :data:`GUIDE_FIELD`.
+@takes_settings
+def cnf(input_dim: int, hidden_dims: Sequence[int] | None = None, **settings: Any) -> CNF:
+    """A :class:`CNF` in Pyro's factory manner (the ``"guide"`` preset unless ``preset=`` says
+    otherwise).
 
     Example:
         >>> from functools import partial
@@ -215,11 +225,12 @@ def cnf(input_dim: int, hidden_dims: Sequence[int] | None = None, **kwargs: Any)
         >>> make(3).flow.vector_field.hidden_dims
         (32, 32)
     """
-    return CNF(input_dim, hidden_dims, **kwargs)
+    return CNF(input_dim, hidden_dims, **settings)
 
 
+@takes_settings
 def conditional_cnf(
-    input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None, **kwargs: Any
+    input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None, **settings: Any
 ) -> ConditionalCNF:
     """A :class:`ConditionalCNF` in Pyro's factory manner."""
-    return ConditionalCNF(input_dim, context_dim, hidden_dims, **kwargs)
+    return ConditionalCNF(input_dim, context_dim, hidden_dims, **settings)

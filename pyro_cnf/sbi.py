@@ -37,6 +37,7 @@ Example (needs sbi)::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,9 +47,9 @@ from nflows.flows import Flow
 from nflows.transforms import CompositeTransform, PointwiseAffineTransform
 from torch import Tensor, nn
 
-from .flow import ContinuousFlow
-from .nets import NO_GAINS
+from .flow import ContinuousFlow, takes_settings
 from .nflows import CNFFlow, CNFTransform, forward_without_logdet
+from .presets import Preset, get_preset
 
 __all__ = ["Standardize", "build_cnf_estimator", "flow_matching_estimator", "train_flow_matching"]
 
@@ -104,8 +105,9 @@ def build_cnf_estimator(
     hidden_dims: Sequence[int] | None = None,
     embedding_net: nn.Module | None = None,
     *,
+    preset: str | Preset | None = None,
     flow: ContinuousFlow | None = None,
-    **kwargs: Any,
+    **settings: Any,
 ):
     """A conditional CNF posterior estimator ``q(theta | x)`` for sbi, built like sbi's own.
 
@@ -123,14 +125,16 @@ def build_cnf_estimator(
             is z-scored by an nflows ``PointwiseAffineTransform`` ahead of the CNF (its
             log-determinant enters the density), x by a :class:`Standardize` module ahead
             of the embedding net, as sbi's ``build_maf`` does.
-        hidden_dims: Hidden widths of the :class:`~pyro_cnf.ODENet` field (its default when
+        hidden_dims: Hidden widths of the :class:`~pyro_cnf.ODENet` field (the preset's when
             ``None``).
         embedding_net: A module mapping ``x`` to the context, shape ``(N, c)``; trained
             with the flow. Identity when ``None``.
+        preset: Where the field and solver settings start (:data:`~pyro_cnf.presets.PRESETS`);
+            ``None``: ``"sbi"``, the density field for sbi's maximum-likelihood loop.
         flow: A conditional :class:`~pyro_cnf.ContinuousFlow` to use instead of building one
             (its context size must match).
-        **kwargs: The field options of :func:`~pyro_cnf.default_flow`; the rest
-            (``method``, ``rtol``, ``steps``, ...) for the flow.
+        **settings: As for :class:`~pyro_cnf.CNFTransform`: field options and flow settings,
+            each replacing the preset's.
 
     Returns:
         sbi's ``NFlowsFlow`` around a :class:`~pyro_cnf.CNFFlow` whose transform is
@@ -156,7 +160,8 @@ def build_cnf_estimator(
         raise ValueError(
             f"the embedding net must return a context of shape (N, c), got {tuple(context.shape)} for 1 row"
         )
-    cnf = CNFTransform(d, hidden_dims, context_dim=context.shape[1], flow=flow, **kwargs)
+    cnf = CNFTransform(d, hidden_dims, context_dim=context.shape[1], preset=None if flow else preset or "sbi",
+                       flow=flow, **settings)
     parts: list = [cnf]
     if z_score_theta is not None:
         mean, std = _moments(batch_theta, z_score_theta, min_std=1e-14)
@@ -207,11 +212,12 @@ def train_flow_matching(
     *,
     steps: int | None = None,
     max_seconds: float | None = None,
-    batch_size: int = 512,
-    lr: float = 2e-2,
-    schedule: str = "cosine",
+    batch_size: int | None = None,
+    lr: float | None = None,
+    schedule: str | None = None,
     seed: int = 0,
     progress: bool = False,
+    preset: str | Preset = "flow_matching",
     **objective: Any,
 ) -> dict[str, Any]:
     """Train the CNF of an estimator from :func:`build_cnf_estimator` by flow matching,
@@ -230,23 +236,31 @@ def train_flow_matching(
         steps: Stop after this many steps.
         max_seconds: Stop once the steps have taken this many CPU seconds; give ``steps``,
             ``max_seconds`` or both.
-        batch_size: Rows per step.
-        lr: Adam's learning rate.
+        batch_size: Rows per step (the preset's when ``None``).
+        lr: Adam's learning rate (the preset's when ``None``).
         schedule: The Trainer's schedule: ``"cosine"`` decays the learning rate to 0 over
-            the budget, ``"constant"`` keeps it.
+            the budget, ``"constant"`` keeps it (the preset's when ``None``).
         seed: Seeds the minibatches and the flow-matching draws (the global random state is
             left as it was).
         progress: Show a tqdm bar.
+        preset: Where ``lr``, ``schedule``, ``batch_size`` and the objective's settings
+            start (:data:`~pyro_cnf.presets.PRESETS`).
         **objective: For :class:`~pyro_cnf.training.FlowMatching` (``path``, ``coupling``,
-            ``sigma_min``, ``t_power``).
+            ``sigma_min``, ``t_power``), each replacing the preset's.
 
     Returns:
         ``{"steps": n, "cpu_seconds": s, "losses": [...]}`` (one loss per step).
 
-    The defaults (lr 2e-2 with cosine decay, batches of 512) are the tuned flow-matching
-    recipe of the benchmarks; the estimator is left in eval mode.
+    The estimator is left in eval mode.
     """
     from .training import FlowMatching, Trainer, step_seed
+
+    recipe = get_preset(preset, "train_flow_matching")
+    batch_size = recipe.training.get("batch_size", 512) if batch_size is None else batch_size
+    lr = recipe.lr if lr is None else lr
+    schedule = recipe.training.get("schedule", "constant") if schedule is None else schedule
+    options = {f.name for f in dataclasses.fields(FlowMatching)}
+    objective = {**{k: v for k, v in recipe.training.items() if k in options}, **objective}
 
     if theta.dim() != 2 or x.dim() < 2 or len(theta) != len(x) or len(theta) == 0:
         raise ValueError(
@@ -272,31 +286,43 @@ def train_flow_matching(
     return {"steps": trainer.step, "cpu_seconds": trainer.cpu_seconds, "losses": [h["loss"] for h in history]}
 
 
+@takes_settings
 def flow_matching_estimator(
     theta: Tensor,
     x: Tensor,
     *,
-    hidden_dims: Sequence[int] = (64, 64, 64, 64),
-    activation: str = "silu",
-    time_gate_scale: float = 10.0,
+    hidden_dims: Sequence[int] | None = None,
     z_score_theta: str | None = "independent",
     z_score_x: str | None = "independent",
     embedding_net: nn.Module | None = None,
-    flow_kwargs: dict[str, Any] | None = None,
-    **train_kwargs: Any,
+    preset: str | Preset = "flow_matching",
+    steps: int | None = None,
+    max_seconds: float | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    schedule: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **settings: Any,
 ):
-    """:func:`build_cnf_estimator` with the flow-matching recipe's field (4x64 silu,
-    ``time_gate_scale=10``, without ODENet's gains: the recipe's lr 2e-2 is too fast for
-    them), trained by :func:`train_flow_matching`.
+    """:func:`build_cnf_estimator` from the ``"flow_matching"`` preset, trained by
+    :func:`train_flow_matching` with that preset's recipe.
 
-    ``flow_kwargs`` go to the :class:`~pyro_cnf.ContinuousFlow` that sbi's sampling and
-    ``log_prob`` will solve with (its defaults otherwise); ``train_kwargs`` to
-    :func:`train_flow_matching` (``steps`` and/or ``max_seconds`` are required). The
-    training record is left in ``estimator.training_record``.
+    ``settings`` are field options and flow settings, each replacing the preset's, which
+    build the estimator (its :class:`~pyro_cnf.ContinuousFlow` is what sbi's sampling and
+    ``log_prob`` solve with), and :class:`~pyro_cnf.training.FlowMatching`'s (``path``,
+    ``coupling``, ``sigma_min``, ``t_power``). ``steps``, ``max_seconds`` (one is
+    required), ``batch_size``, ``lr``, ``schedule``, ``seed`` and ``progress`` go to
+    :func:`train_flow_matching`. The training record is left in
+    ``estimator.training_record``.
     """
-    estimator = build_cnf_estimator(
-        theta, x, z_score_theta, z_score_x, hidden_dims, embedding_net,
-        activation=activation, time_gate_scale=time_gate_scale, **{**NO_GAINS, **(flow_kwargs or {})},
-    )
-    estimator.training_record = train_flow_matching(estimator, theta, x, **train_kwargs)
+    from .training import FlowMatching
+
+    options = {f.name for f in dataclasses.fields(FlowMatching)}
+    objective = {k: settings.pop(k) for k in list(settings) if k in options}
+    estimator = build_cnf_estimator(theta, x, z_score_theta, z_score_x, hidden_dims, embedding_net,
+                                    preset=preset, **settings)
+    estimator.training_record = train_flow_matching(
+        estimator, theta, x, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr, schedule=schedule,
+        seed=seed, progress=progress, preset=preset, **objective)
     return estimator

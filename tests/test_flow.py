@@ -345,15 +345,40 @@ class TestTrainingTolerance:
             assert (z - exact).abs().max() <= bound
         assert (z_eval - exact).abs().max() < (z_train - exact).abs().max()
 
-    def test_none_trains_at_rtol_and_never_tighter_than_rtol(self):
+    @pytest.mark.parametrize("given", [dict(rtol=1e-8, atol=1e-8), dict(rtol=1e-2, atol=1e-2), dict(rtol=1e-8)])
+    def test_a_given_tolerance_applies_to_training_too(self, given):
         x = torch.randn(64, 3, dtype=torch.float64)
-        same = ContinuousFlow(LinearField(random_matrix(3)), train_rtol=None, train_atol=None)
-        (z_train, nfe_train), _, (z_eval, nfe_eval) = self.solves(same, x)
+        flow = ContinuousFlow(LinearField(random_matrix(3)), **given)
+        (z_train, nfe_train), _, (z_eval, nfe_eval) = self.solves(flow, x)
         assert nfe_train == nfe_eval
         torch.testing.assert_close(z_train, z_eval, rtol=0, atol=0)
-        loose = ContinuousFlow(LinearField(random_matrix(3)), rtol=1e-2, atol=1e-2)  # looser than training's
-        (_, nfe_train), _, (_, nfe_eval) = self.solves(loose, x)
-        assert nfe_train == nfe_eval
+        assert (flow.train_rtol, flow.train_atol) == (flow.rtol, flow.atol)
+
+    def test_a_given_training_tolerance_applies_in_training_only(self):
+        x = torch.randn(64, 3, dtype=torch.float64)
+        flow = ContinuousFlow(LinearField(random_matrix(3)), rtol=1e-8, atol=1e-8, train_rtol=1e-3, train_atol=1e-3)
+        (_, nfe_train), _, (_, nfe_eval) = self.solves(flow, x)
+        assert nfe_train < nfe_eval
+        assert flow.solver.tolerances(training=True) == (1e-3, 1e-3)
+
+    @pytest.mark.parametrize("tol", [1e-6, 1e-9])
+    def test_linear_field_in_training_under_grad_to_the_given_tolerance(self, tol):
+        # f = A x: the map is expm(A T) and the log-det T tr A, whatever the mode
+        torch.manual_seed(1)
+        A, T = random_matrix(3), 0.7
+        flow = ContinuousFlow(LinearField(A), T=T, trace="exact", rtol=tol, atol=tol).train()
+        x = torch.randn(32, 3, dtype=torch.float64, requires_grad=True)
+        z, ladj = flow(x)
+        assert z.requires_grad
+        exact = x.detach() @ torch.linalg.matrix_exp(A * T).t()
+        assert (z.detach() - exact).abs().max() < 1e3 * tol
+        assert (ladj.detach() - T * torch.trace(A)).abs().max() < 1e3 * tol
+
+    def test_assigning_a_tolerance_gives_it(self):
+        flow = ContinuousFlow(LinearField(random_matrix(3)))
+        assert (flow.rtol, flow.train_rtol) == (1e-5, 1e-3)
+        flow.rtol = flow.atol = 1e-7
+        assert flow.solver.tolerances(training=True) == (1e-7, 1e-7)
 
     def test_a_training_solve_that_fails_names_its_tolerances(self):
         flow = ContinuousFlow(LinearField(8 * random_matrix(3)), options={"max_num_steps": 2})

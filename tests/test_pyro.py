@@ -11,6 +11,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormalizingFlow
 
 import pyro_cnf
+from pyro_cnf.presets import PRESETS
 from pyro_cnf import CNF, ConditionalCNF, ContinuousFlow, ODENet, cnf
 
 
@@ -125,10 +126,14 @@ class TestTraceFreeSampling:
     def test_sample_is_one_solve_without_the_trace(self, monkeypatch):
         t = CNF(2, flow=small_cnf())
         counter = SolveCounter(t.flow, monkeypatch)
-        x = dist.TransformedDistribution(base(2), [t]).sample((8,))
+        d = dist.TransformedDistribution(base(2), [t])
+        torch.manual_seed(0)
+        x = d.sample((8,))
         assert x.shape == (8, 2) and counter.logdets == [False]
-        with torch.no_grad():
-            torch.testing.assert_close(x, t.flow(t._cached_x_y[0], reverse=True)[0], atol=1e-4, rtol=1e-4)
+        torch.manual_seed(0)
+        traced = d.rsample((8,))  # the same noise, under grad: the solve with the trace
+        assert counter.logdets == [False, True]
+        torch.testing.assert_close(x, traced.detach(), atol=1e-4, rtol=1e-4)
 
     def test_log_prob_of_a_sample_is_one_more_solve_and_equals_the_fresh_one(self, monkeypatch):
         flow = small_cnf(rtol=1e-10, atol=1e-10, train_rtol=None, train_atol=None).double()
@@ -137,7 +142,7 @@ class TestTraceFreeSampling:
         counter = SolveCounter(flow, monkeypatch)
         x = d.sample((6,))
         served = d.log_prob(x)
-        assert counter.logdets == [False, True]  # the sample, then the log-det from the cached z
+        assert counter.logdets == [False, True]  # the sample, then data -> base from x with the trace
         torch.testing.assert_close(d.log_prob(x), served)  # now cached: no third solve
         assert counter.calls == 2
         fresh = d.log_prob(x.clone())  # not the cached tensor: data -> base with the trace
@@ -257,27 +262,24 @@ class TestConditional:
 
 
 class TestFieldDefaults:
-    """The defaults study's choice (BENCHMARKS.md, "Defaults", "Guides"): guides (``CNF``,
-    ``cnf``) get ``GUIDE_FIELD`` (silu, input gain 4, scale rate 4), density fitting (ODENet,
-    ``ConditionalCNF``, the nflows adapter) ``tanh`` with ODENet's gains (16, 10, 4)."""
+    """Guides (``CNF``, ``cnf``) start from the "guide" preset, density fitting
+    (``ConditionalCNF``, the nflows adapter) from "density"; ODENet's defaults are the
+    density preset's field."""
 
-    def test_guides_default_to_the_guide_field(self):
-        def settings(field):
-            return (field.hidden_dims, field.activation, field.input_gain, field.time_gain, field.hidden_gain,
-                    field.scale_rate)
+    @staticmethod
+    def settings(field):
+        return {name: getattr(field, name) for name in PRESETS["guide"].field}
 
-        assert pyro_cnf.pyro.GUIDE_FIELD == {"activation": "silu", "input_gain": 4.0, "time_gain": 1.0,
-                                             "hidden_gain": 1.0, "scale_rate": 4.0}
-        assert settings(CNF(2).flow.vector_field) == ((64, 64), "silu", 4.0, 1.0, 1.0, 4.0)
+    def test_guides_default_to_the_guide_preset(self):
+        assert self.settings(CNF(2).flow.vector_field) == dict(PRESETS["guide"].field)
+        assert CNF(2).flow.preset == "guide"
         # other widths keep the rest of the guide field
-        assert settings(cnf(3, [8]).flow.vector_field) == ((8,), "silu", 4.0, 1.0, 1.0, 4.0)
-        for field in (ODENet(2), pyro_cnf.CNFTransform(2).flow.vector_field, ConditionalCNF(2, 1).flow.vector_field):
-            assert settings(field) == ((64, 64), "tanh", 16.0, 10.0, 4.0, 0.0)
+        assert self.settings(cnf(3, [8]).flow.vector_field) == {**PRESETS["guide"].field, "hidden_dims": (8,)}
 
-    def test_density_fields_default_to_tanh(self):
-        assert ODENet(2).activation == "tanh"
-        assert ConditionalCNF(2, 1).flow.vector_field.activation == "tanh"
-        assert pyro_cnf.CNFTransform(2).flow.vector_field.activation == "tanh"
+    def test_density_fitting_defaults_to_the_density_preset(self):
+        for field in (ODENet(2), pyro_cnf.CNFTransform(2).flow.vector_field, ConditionalCNF(2, 1).flow.vector_field):
+            assert self.settings(field) == dict(PRESETS["density"].field)
+        assert self.settings(CNF(2, preset="density").flow.vector_field) == dict(PRESETS["density"].field)
 
     def test_explicit_settings_win(self):
         assert CNF(2, activation="tanh").flow.vector_field.activation == "tanh"

@@ -144,7 +144,7 @@ class TestFlowMatching:
 
         theta, x = data(500)
         est = flow_matching_estimator(theta, x, hidden_dims=(32, 32), steps=300, batch_size=128, seed=0,
-                                      flow_kwargs=dict(rtol=1e-4, atol=1e-4))
+                                      rtol=1e-4, atol=1e-4)
         losses = est.training_record["losses"]
         assert est.training_record["steps"] == 300 and len(losses) == 300
         assert sum(losses[-30:]) < sum(losses[:30])

@@ -16,16 +16,21 @@ from typing import Any
 from torch import Tensor
 
 from . import rk
-from .rk import SolverError
+from .rk import DEFAULT_MAX_STEPS, DEFAULT_TOL, SolverError
 
-__all__ = ["Solver", "SolverError", "ADAPTIVE_METHODS", "FIXED_METHODS", "DEFAULT_MAX_STEPS"]
+__all__ = [
+    "Solver", "SolverError", "ADAPTIVE_METHODS", "FIXED_METHODS", "DEFAULT_MAX_STEPS", "DEFAULT_TOL", "DEFAULT_TRAIN_TOL"
+]
 
 ADAPTIVE_METHODS = frozenset({"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"})
 FIXED_METHODS = frozenset(
     {"euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams"}
 )
-#: Default cap on accepted + rejected adaptive steps; a healthy flow needs tens.
-DEFAULT_MAX_STEPS = 1000
+#: ``rtol`` and ``atol`` of a solve differentiated for training when no tolerance at all is
+#: given. A training loss averages over a batch and many steps, so it needs far less accuracy
+#: than an evaluated log-density, and a looser solve takes fewer steps (BENCHMARKS.md,
+#: "Training tolerance").
+DEFAULT_TRAIN_TOL = 1e-3
 #: Options the own solver understands; any other sends the solve to torchdiffeq.
 OWN_OPTIONS = frozenset({"first_step", "max_num_steps", "safety", "ifactor", "dfactor"})
 BACKENDS = ("auto", "torchdiffeq")
@@ -44,12 +49,12 @@ class Solver:
         method: An adaptive method (dopri5, dopri8, bosh3, fehlberg2, adaptive_heun) or a
             fixed-grid one (euler, midpoint, rk4, heun2, heun3, explicit_adams,
             implicit_adams, fixed_adams; these need ``steps`` or ``options["step_size"]``).
-        rtol, atol: Tolerances of adaptive methods, finite and >= 0, not both 0.
+        rtol, atol: Tolerances of adaptive methods, finite and >= 0, not both 0;
+            :data:`DEFAULT_TOL` when not given.
         train_rtol, train_atol: The tolerances of a solve that is differentiated for
-            training (:meth:`tolerances`); each is the looser of it and ``rtol``/``atol``.
-            A training loss averages over a batch and many steps, so it needs far less
-            accuracy than an evaluated log-density, and a looser solve takes fewer steps
-            (BENCHMARKS.md, "Training tolerance"). ``None`` trains at ``rtol``/``atol``.
+            training (:meth:`tolerances`). Not given, they are ``rtol`` and ``atol`` when
+            either of those is given (a tolerance the user passes applies to every solve),
+            and the looser :data:`DEFAULT_TRAIN_TOL` when no tolerance is given at all.
         steps: Equal steps over the interval for a fixed-grid method; with the own dopri5,
             ``steps`` fixed fifth-order steps (``6 steps + 1`` evaluations).
         adjoint: Differentiate by ``odeint_adjoint`` (memory flat in the number of steps).
@@ -64,14 +69,14 @@ class Solver:
         >>> Solver(rtol=-1e-5)
         Traceback (most recent call last):
         ...
-        ValueError: rtol must be a finite number >= 0, got -1e-05
+        ValueError: rtol must be a finite number >= 0 or None, got -1e-05
     """
 
     method: str = "dopri5"
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    train_rtol: float | None = 1e-3
-    train_atol: float | None = 1e-3
+    rtol: float | None = None
+    atol: float | None = None
+    train_rtol: float | None = None
+    train_atol: float | None = None
     steps: int | None = None
     adjoint: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -83,14 +88,15 @@ class Solver:
             raise ValueError(
                 f"unknown method {self.method!r}; expected one of {sorted(ADAPTIVE_METHODS | FIXED_METHODS)}"
             )
-        for name, allowed in (("rtol", ""), ("atol", ""), ("train_rtol", " or None"), ("train_atol", " or None")):
+        for name in ("rtol", "atol", "train_rtol", "train_atol"):
             value = getattr(self, name)
-            if value is None and allowed:
+            if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0{allowed}, got {value!r}")
-        if self.rtol == 0 and self.atol == 0:
-            raise ValueError("rtol and atol are both 0: no step would ever be accepted")
+                raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
+        for training, names in ((False, "rtol and atol"), (True, "train_rtol and train_atol")):
+            if self.tolerances(training) == (0, 0):
+                raise ValueError(f"{names} are both 0: no step would ever be accepted")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.adjoint, bool):
@@ -142,12 +148,19 @@ class Solver:
         Example:
             >>> Solver().tolerances(), Solver().tolerances(training=True)
             ((1e-05, 1e-05), (0.001, 0.001))
-            >>> Solver(rtol=1e-2, train_atol=None).tolerances(training=True)
-            (0.01, 1e-05)
+            >>> Solver(rtol=1e-8, atol=1e-8).tolerances(training=True)  # given: every solve
+            (1e-08, 1e-08)
+            >>> Solver(rtol=1e-6, train_rtol=1e-4).tolerances(training=True)
+            (0.0001, 1e-05)
         """
+        rtol = DEFAULT_TOL if self.rtol is None else self.rtol
+        atol = DEFAULT_TOL if self.atol is None else self.atol
         if not training:
-            return self.rtol, self.atol
-        return max(self.rtol, self.train_rtol or 0.0), max(self.atol, self.train_atol or 0.0)
+            return rtol, atol
+        if self.rtol is None and self.atol is None:
+            rtol = atol = DEFAULT_TRAIN_TOL
+        return (rtol if self.train_rtol is None else self.train_rtol,
+                atol if self.train_atol is None else self.train_atol)
 
     @property
     def max_num_steps(self) -> int:

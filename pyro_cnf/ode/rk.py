@@ -33,6 +33,12 @@ Func = Callable[[Tensor, Tensor], Tensor]
 Norm = Callable[[Tensor], Tensor]
 
 
+#: ``rtol`` and ``atol`` of an adaptive solve when none is given.
+DEFAULT_TOL = 1e-5
+#: Default cap on accepted + rejected adaptive steps; a healthy flow needs tens.
+DEFAULT_MAX_STEPS = 1000
+
+
 class SolverError(RuntimeError):
     """The ODE solver gave up (step size underflow, step budget, or non-finite state)."""
 
@@ -184,11 +190,11 @@ def integrate_adaptive(
     t1: float,
     *,
     method: str = "dopri5",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float = DEFAULT_TOL,
+    atol: float = DEFAULT_TOL,
     norm: Norm | None = None,
     first_step: float | None = None,
-    max_num_steps: int = 1000,
+    max_num_steps: int = DEFAULT_MAX_STEPS,
     safety: float = 0.9,
     ifactor: float = 10.0,
     dfactor: float = 0.2,

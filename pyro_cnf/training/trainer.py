@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..checks import check_inputs
 from ..flow import ContinuousFlow, SolverError
-from ..nets import NO_GAINS, ODENet
+from ..nets import ODENet
 from . import distributed
 from .checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint
 from .objectives import MaximumLikelihood, Objective
@@ -177,17 +177,21 @@ def cosine_decay(fraction: float) -> float:
 SCHEDULES: dict[str, Callable[[float], float] | None] = {"constant": None, "cosine": cosine_decay}
 
 
+_GAINS = ("input_gain", "time_gain", "hidden_gain")
+
+
 def _warn_of_gains_on_a_fixed_grid(model: nn.Module, objective: Objective) -> None:
     """Warn when maximum likelihood trains an ODENet with gains on a fixed grid: a field that
     learns that fast learns the grid's error too (BENCHMARKS.md, "Gains")."""
     field = model.vector_field if isinstance(model, ContinuousFlow) else None
     if (isinstance(objective, MaximumLikelihood) and isinstance(field, ODENet) and model.steps is not None
-            and any(getattr(field, name) != 1 for name in NO_GAINS)):
+            and any(getattr(field, name) != 1 for name in _GAINS)):
         warnings.warn(
             f"training an ODENet with gains (input_gain={field.input_gain:g}, time_gain={field.time_gain:g}, "
             f"hidden_gain={field.hidden_gain:g}) by maximum likelihood on a fixed grid of {model.steps} steps: "
             "such a field learns the grid's error (a training loss far below the held-out NLL); build it with "
-            "pyro_cnf.nets.NO_GAINS, or train with an adaptive method (the default dopri5)",
+            "the gains at 1 (preset='density_high_lr'; the 'demo' preset for a grid), or train with an adaptive "
+            "method (the default dopri5)",
             stacklevel=3,
         )
 
