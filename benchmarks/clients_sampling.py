@@ -3,11 +3,10 @@
 
     python benchmarks/clients_sampling.py [--samples 10000] [--budget 20] [--repeats 5]
 
-Trains the flow-matching recipe's field (``trainers.FM_RECIPE``: ODENet 4x64 silu,
-``time_gate_scale`` 10, cosine path, Adam 2e-2 with cosine decay) on 8 Gaussians for
-``--budget`` CPU seconds, then times each way of drawing ``--samples`` points with the
-flow's default solver (dopri5, rtol = atol = 1e-5): medians of interleaved repeats, process
-CPU time, one torch thread. Writes ``report.md`` and ``results.json`` to ``--out``.
+Trains the field of the flow-matching recipe (``trainers.FM_RECIPE``, the "flow_matching"
+preset's) on 8 Gaussians for ``--budget`` CPU seconds, then times each way of drawing
+``--samples`` points with the flow's default solver (dopri5, rtol = atol = 1e-5): medians
+of interleaved repeats, process CPU time, one torch thread. Writes ``report.md`` and ``results.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -28,14 +27,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved, machine, median, table  # noqa: E402
 from pyro_cnf import CNF, CNFFlow, CNFTransform, ContinuousFlow  # noqa: E402
 from pyro_cnf.toy.datasets import sample  # noqa: E402
-from trainers import train  # noqa: E402
+from trainers import BATCH, FM_RECIPE, recipe_text, train  # noqa: E402
 
 
-def trained_field(budget: float, seed: int, hidden: tuple[int, ...] | None = None) -> torch.nn.Module:
+def trained_field(budget: float, seed: int, recipe: dict) -> torch.nn.Module:
+    """The field of the ``pyro_cnf_fm`` run with ``recipe`` after ``budget`` CPU seconds on 8 Gaussians."""
     keep: dict = {}
     test = sample("8gaussians", 2000, seed=10**6)
-    recipe = {"hidden": tuple(hidden)} if hidden else None
-    train("pyro_cnf_fm", 2, lambda i: sample("8gaussians", 256, seed=seed + i), budget, test, test[:512],
+    train("pyro_cnf_fm", 2, lambda i: sample("8gaussians", BATCH, seed=seed + i), budget, test, test[:512],
           seed=seed, evaluate=False, keep=keep, log=lambda msg: None, recipe=recipe)
     field = keep["field"].eval()
     return field.requires_grad_(False)
@@ -101,7 +100,8 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=10_000)
     p.add_argument("--budget", type=float, default=20.0, help="CPU seconds of flow-matching training")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--hidden", type=int, nargs="+", default=None, help="the field's widths (default: the recipe's 4x64)")
+    p.add_argument("--hidden", type=int, nargs="+", default=list(FM_RECIPE["hidden_dims"]),
+                   help="the field's widths (default: the recipe's, %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/bench_clients_sampling")
     args = p.parse_args(argv)
@@ -109,8 +109,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    field = trained_field(args.budget, args.seed, args.hidden)
-    widths = "x".join(map(str, field.hidden_dims))
+    recipe = {**FM_RECIPE, "hidden_dims": tuple(args.hidden)}
+    field = trained_field(args.budget, args.seed, recipe)
     runs, nfe = cases(field, args.samples)
     times = interleaved(runs, args.repeats)
     ref = median(times["flow(z, reverse=True, logdet=False)"])
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     gap = check_log_prob_of_a_sample(field)
     report = (
         f"# Sampling through the adapters\n\nCommand: `python benchmarks/clients_sampling.py {' '.join(argv or sys.argv[1:])}`"
-        f"  \nMachine: {machine()}\n\nField: the flow-matching recipe's (ODENet {widths} silu, time_gate_scale 10), "
+        f"  \nMachine: {machine()}\n\nField: the flow-matching recipe's ({recipe_text(recipe)}), "
         f"trained {args.budget:g} CPU s on 8 Gaussians; solver: ContinuousFlow defaults (dopri5, rtol = atol = 1e-5); "
         f"NFE trace-free {nfe['trace-free']}, with the trace {nfe['with trace']}. {args.samples} points per call, "
         f"median of {args.repeats} interleaved repeats (process CPU time).\n\n"

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import pyro_cnf
-from pyro_cnf.nets import NO_GAINS
+from pyro_cnf.presets import PRESETS
 
 
 def cpu_time(fn: Callable[[], object]) -> tuple[float, object]:
@@ -41,13 +41,14 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def perturbed_field(d: int, seed: int = 0, hidden: tuple[int, ...] = (64, 64)) -> pyro_cnf.ODENet:
+def perturbed_field(d: int, seed: int = 0) -> pyro_cnf.ODENet:
     """The one field every W1/W3 implementation integrates: default init, then the time
     modulation and the output layer perturbed so that the flow is far from the identity
     and changes with time (4-7 dopri5 steps at 1e-5; |log det| of about 2, 11 and 56 nats at d = 2, 8, 64)."""
     g = torch.Generator().manual_seed(seed)
-    # pinned, without ODENet's later gains: the same field in every run since the first
-    net = pyro_cnf.ODENet(d, hidden, activation="softplus", zero_init=False, **NO_GAINS)
+    # the field of every run since the first: the density field without its later gains
+    # (the "density_high_lr" preset's) and in the softplus of then
+    net = pyro_cnf.ODENet(d, **{**PRESETS["density_high_lr"].field, "activation": "softplus"}, zero_init=False)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]) if p.dim() == 2 else p)

@@ -3,8 +3,9 @@ for a user who never changes a setting, across every use the package serves.
 
 A *config* names a field setting
 ``activation:init:time_gate_scale:hidden[:input_gain[:time_gain[:hidden_gain[:scale_rate]]]]``, e.g.
-``tanh:zero:0.1:64x64:16:10:4`` (ODENet's defaults, :data:`DEFAULT`) or ``silu:zero:0.1:64x64:4:1:1:4``
-(the Pyro guides' ``GUIDE_FIELD``); gains left out are 1, a scale rate left out 0. ``init`` is ``zero`` (last
+``tanh:zero:0.1:64x64``; gains left out are 1, a scale rate left out 0, and a blank entry takes the density
+preset's value. :meth:`Config.of` writes a preset's field so (:data:`DEFAULTS`: each use's preset, e.g.
+the density preset's as ODENet's defaults, the guide preset's for SVI). ``init`` is ``zero`` (last
 layer zeroed: the flow starts as the identity), ``torch`` (torch's default init) or
 ``small<f>`` (torch's init of the last layer scaled by ``f``, ``small`` = ``small0.1``). Every use is a function
 ``(config, lr, seed, ...) -> metrics``; the study applies the variants that ODENet does not
@@ -23,20 +24,22 @@ trained field (the weight average with ``ema``) by dopri5 at rtol = atol = 1e-6 
 exact trace.
 
 Uses (``--uses``): ``mle`` (8 Gaussians and checkerboard, batch 512, equal steps, beside
-zuko's default CNF), ``mle_cpu`` (equal CPU time, lr 1e-3, beside zuko and torchdyn, the latter at 1e-5 and at its own defaults),
+zuko's default CNF), ``mle_cpu`` (equal CPU time at the density preset's lr, beside zuko and torchdyn, the latter at
+1e-5 and at its own defaults),
 ``digits`` (64-d, equal steps at each ``--lrs`` and equal CPU at each ``--digits-budget-lrs``,
 default 1e-3, beside zuko and a MAF), ``svi`` (banana, 10-d funnel, Bayesian logistic regression; beside AutoNormal,
 AutoIAFNormal and a spline AutoNormalizingFlow), ``fm`` (flow matching on the checkerboard,
 equal CPU, beside a 5-layer MAF and trainers.FM_RECIPE), ``cond`` (a two-moons posterior,
 nflows ``CNFTransform`` at each ``--lrs`` beside a 5-layer conditional MAF at the same lrs,
 raw and z-scored, ``--cond-budget`` CPU s each; ``--cond-pyro`` adds Pyro's
-``ConditionalCNF`` at lr 1e-3) and ``demo`` (the demo's rk4 x 4 training at several lrs and
-schedules).
+``ConditionalCNF`` at the density preset's lr) and ``demo`` (the demo preset's training, its
+fixed-grid solver and batch, at several lrs and schedules). Without ``--configs`` each use runs
+its own preset's config (:data:`DEFAULTS`).
 
 Commands (from the repository root; one study process at a time, one thread):
 
     OMP_NUM_THREADS=1 python benchmarks/defaults.py --uses mle --configs tanh:zero:0.1:64x64 --lrs 1e-2 \\
-        --datasets 8gaussians --seeds 0 --no-peers                       # reproduction check (2.86)
+        --datasets 8gaussians --seeds 0 --no-peers         # reproduction check (BENCHMARKS.md, "Defaults")
     OMP_NUM_THREADS=1 python benchmarks/defaults.py --uses cond --lrs 5e-4,1e-3 \\
         --configs tanh:zero:0.1:64x64,silu:zero:0.1:64x64,softplus:zero:0.1:64x64
     OMP_NUM_THREADS=1 python benchmarks/defaults.py --uses digits --lrs 1e-3,1e-2 \\
@@ -57,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import io
 import json
 import math
@@ -67,7 +69,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -79,12 +81,16 @@ from torch import Tensor, nn  # noqa: E402
 
 import pyro_cnf  # noqa: E402
 from common import table  # noqa: E402
+from pyro_cnf.presets import PRESETS  # noqa: E402
 from pyro_cnf.toy import datasets  # noqa: E402
 from pyro_cnf.training import FlowMatching, Trainer, TrainingError, nll  # noqa: E402
-from trainers import EVAL_TOL, FM_RECIPE, Model, build, build_fm, field_nfe  # noqa: E402
+from trainers import BATCH, EVAL_TOL, FM_RECIPE, Model, build, build_fm, field_nfe  # noqa: E402
 
-#: The config of ODENet's own defaults (the "(default)" row of the report; --configs' default).
 LRS = (5e-4, 1e-3, 1e-2)
+#: The rate of the density builders (mle_cpu, and the Pyro ConditionalCNF of cond).
+DENSITY_LR = PRESETS["density"].lr
+#: The demo's recipe: its fixed-grid solver, batch size and steps.
+DEMO = PRESETS["demo"]
 TOYS = ("8gaussians", "checkerboard")
 TEST_SEED = 10**6
 N_TEST = 20_000
@@ -92,12 +98,17 @@ N_TEST = 20_000
 
 # --------------------------------------------------------------------------- configs
 
+_DENSITY = PRESETS["density"].field
+
+
 @dataclass(frozen=True)
 class Config:
-    activation: str = "softplus"
+    """An ODENet field setting; gains of 1 and a scale rate of 0 are none."""
+
+    activation: str = _DENSITY["activation"]
     init: str = "zero"
-    gate: float = 0.1
-    hidden: tuple[int, ...] = (64, 64)
+    gate: float = _DENSITY["time_gate_scale"]
+    hidden: tuple[int, ...] = _DENSITY["hidden_dims"]
     gain: float = 1.0
     time_gain: float = 1.0
     hidden_gain: float = 1.0
@@ -105,10 +116,21 @@ class Config:
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        act, init, gate, hidden, *gains, rate = (text.split(":") + [""] * 8)[:8]
-        return cls(act or "softplus", init or "zero", float(gate or 0.1),
-                   tuple(int(h) for h in (hidden or "64x64").split("x")), *(float(g or 1.0) for g in gains),
-                   float(rate or 0.0))
+        """The config of ``text``; a blank or missing entry takes the default above."""
+        widths = lambda h: tuple(int(w) for w in h.split("x"))  # noqa: E731
+        kinds = (str, str, float, widths, float, float, float, float)
+        values = text.split(":")
+        if len(values) > len(kinds):
+            raise ValueError(f"a config has at most {len(kinds)} entries, got {text!r}")
+        names = [f.name for f in fields(cls)]
+        return cls(**{name: kind(v) for name, kind, v in zip(names, kinds, values) if v})
+
+    @classmethod
+    def of(cls, preset: str) -> Config:
+        """The field of the preset ``preset``, zero-initialised as every builder's."""
+        f = PRESETS[preset].field
+        return cls(f["activation"], "zero", f["time_gate_scale"], tuple(f["hidden_dims"]), f["input_gain"],
+                   f["time_gain"], f["hidden_gain"], f["scale_rate"])
 
     @property
     def name(self) -> str:
@@ -143,11 +165,11 @@ class Config:
         return Model(flow, field=lambda trained: trained.vector_field, train_nfe=lambda: flow.nfe)
 
 
-_ODENET = {k: v.default for k, v in inspect.signature(pyro_cnf.ODENet).parameters.items()}
-#: The config of ODENet's own defaults (the "(default)" row of the report; --configs' default).
-DEFAULT = Config(_ODENET["activation"], "zero" if _ODENET["zero_init"] else "torch", _ODENET["time_gate_scale"],
-                 _ODENET["hidden_dims"], _ODENET["input_gain"], _ODENET["time_gain"], _ODENET["hidden_gain"],
-                 _ODENET["scale_rate"]).name
+#: The preset a user of each use gets without changing a setting.
+USE_PRESETS = {"mle": "density", "mle_cpu": "density", "digits": "density", "svi": "guide", "fm": "flow_matching",
+               "cond": "density", "demo": "demo"}
+#: Each use's default config: its "(default)" row of the report, and what it runs without --configs.
+DEFAULTS = {use: Config.of(preset).name for use, preset in USE_PRESETS.items()}
 
 
 def is_config(name: str) -> bool:
@@ -226,21 +248,21 @@ def use_mle(run: str, lr: float, seed: int, dataset: str, steps: int | None = 30
     return res
 
 
-def use_demo(run: str, lr: float, seed: int, dataset: str = "checkerboard", steps: int = 4000,
+def use_demo(run: str, lr: float, seed: int, dataset: str = "checkerboard", steps: int = DEMO.training["steps"],
              schedule: str = "constant") -> dict:
-    """The demo's training: rk4 on 4 steps, batch 256; scored by the tight solve."""
+    """The demo's training: the demo preset's fixed-grid solver and batch size; scored by the tight solve."""
     test, draw = toy(dataset)
     torch.manual_seed(seed)
-    model = Config.parse(run).model(2, method="rk4", steps=4)
+    model = Config.parse(run).model(2, **DEMO.flow)
     model.schedule = schedule
-    res, trained = fit(model, lambda i: draw(i, seed, 256), lr, steps=steps)
+    res, trained = fit(model, lambda i: draw(i, seed, DEMO.training["batch_size"]), lr, steps=steps)
     res.update(score(model, trained, test))
     res["nll_rk4x4"] = nll(trained, test)  # the demo reports its own solver's NLL
     return res
 
 
 def use_digits(run: str, lr: float, seed: int, steps: int | None = 300, budget: float | None = None,
-               batch: int = 256) -> dict:
+               batch: int = BATCH) -> dict:
     """64-d digits (benchmarks/w4_digits.py data); NLL of the dequantised y, nats/image."""
     from w4_digits import digits
 
@@ -263,12 +285,13 @@ def use_digits(run: str, lr: float, seed: int, steps: int | None = 300, budget: 
 
 
 def use_fm(run: str, lr: float, seed: int, dataset: str = "checkerboard", budget: float = 40.0,
-           batch: int | str = 512, path: str = "ot", schedule: str = "constant", ema: float = 0.0,
-           coupling: str = "independent", t_power: float | str = 1.0) -> dict:
+           batch: int | str = PRESETS["flow_matching"].training["batch_size"], path: str = "ot",
+           schedule: str = "constant", ema: float = 0.0, coupling: str = "independent",
+           t_power: float | str = 1.0) -> dict:
     """Flow matching of a config's field (``FlowMatching(path, coupling, t_power)``; ``ema``
     > 0 scores the weight average), or ``fm_recipe`` (trainers.FM_RECIPE: its own lr, schedule and
-    objective, one minibatch of ``batch`` rows per step like the other runs), or ``maf``
-    (maximum likelihood); equal CPU budget."""
+    objective, one minibatch of ``batch`` rows per step like the other runs; ``batch``'s
+    default is the flow-matching preset's), or ``maf`` (maximum likelihood); equal CPU budget."""
     test, draw = toy(dataset)
     torch.manual_seed(seed)
     if is_config(run):
@@ -493,10 +516,12 @@ def save(path: Path, records: list[dict], new: dict) -> list[dict]:
 
 def jobs(args) -> list[tuple[str, str, str, float, int, str, Callable]]:
     """``(use, task, run, lr, seed, variant, fn)`` for every run asked for."""
-    cfgs = [Config.parse(c).name for c in args.configs]
     out = []
     seeds, lrs = args.seeds, args.lrs
     for use in args.uses:
+        if use not in DEFAULTS:
+            raise SystemExit(f"unknown use {use!r}")
+        cfgs = [Config.parse(c).name for c in args.configs] if args.configs else [DEFAULTS[use]]
         if use == "mle":
             for ds in args.datasets:
                 for sched in args.schedules:
@@ -509,7 +534,7 @@ def jobs(args) -> list[tuple[str, str, str, float, int, str, Callable]]:
             for ds in args.datasets:
                 for run in cfgs + (["zuko", "torchdyn", "torchdyn_default"] if args.peers else []):
                     for s in seeds:
-                        out.append((use, ds, run, 1e-3, s, f"{args.budget:g}s", partial(
+                        out.append((use, ds, run, DENSITY_LR, s, f"{args.budget:g}s", partial(
                             use_mle, dataset=ds, steps=None, budget=args.budget)))
         elif use == "digits":
             for run in cfgs + (["zuko", "maf"] if args.peers else []):
@@ -552,7 +577,7 @@ def jobs(args) -> list[tuple[str, str, str, float, int, str, Callable]]:
             for zs in [f == "zscore" for f in args.cond_frames]:
                 variants = [("nflows", r, lr) for r in cfgs + (["maf"] if args.peers else [])
                             for lr in args.cond_lrs or lrs]
-                variants += [("pyro", r, 1e-3) for r in cfgs] if args.cond_pyro else []
+                variants += [("pyro", r, DENSITY_LR) for r in cfgs] if args.cond_pyro else []
                 for adapter, run, lr in variants:
                     for s in seeds:
                         grid = args.cond_grid if is_config(run) else 0  # the MAF has no solver
@@ -566,8 +591,6 @@ def jobs(args) -> list[tuple[str, str, str, float, int, str, Callable]]:
                         for s in seeds:
                             out.append((use, "checkerboard", run, lr, s, sched,
                                         partial(use_demo, steps=args.demo_steps, schedule=sched)))
-        else:
-            raise SystemExit(f"unknown use {use!r}")
     return out
 
 
@@ -577,8 +600,9 @@ def main(argv=None) -> None:
     words = lambda s: s.split(",")  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--uses", type=words, default=["mle", "svi"])
-    p.add_argument("--configs", type=lambda s: s.split(","), default=[DEFAULT],
-                   help="comma-separated act:init:gate:hidden[:input_gain[:time_gain[:hidden_gain[:scale_rate]]]]")
+    p.add_argument("--configs", type=lambda s: s.split(","), default=None,
+                   help="comma-separated act:init:gate:hidden[:input_gain[:time_gain[:hidden_gain[:scale_rate]]]] "
+                        "(default: each use's preset's, DEFAULTS)")
     p.add_argument("--lrs", type=floats, default=list(LRS))
     p.add_argument("--seeds", type=ints, default=[0])
     p.add_argument("--steps", type=int, default=300, help="MLE equal-steps Adam steps")
@@ -601,8 +625,9 @@ def main(argv=None) -> None:
     p.add_argument("--cond-grid", type=int, default=0, help="cond: train the CNFs on a fixed dopri5 grid of N steps")
     p.add_argument("--cond-frames", type=words, default=["raw", "zscore"], help="cond: raw,zscore")
     p.add_argument("--cond-lrs", type=floats, default=None, help="cond (nflows runs and the MAF): default --lrs")
-    p.add_argument("--cond-pyro", action="store_true", help="also ConditionalCNF through Pyro at lr 1e-3")
-    p.add_argument("--demo-steps", type=int, default=4000)
+    p.add_argument("--cond-pyro", action="store_true",
+                   help=f"also ConditionalCNF through Pyro at the density preset's lr ({DENSITY_LR:g})")
+    p.add_argument("--demo-steps", type=int, default=DEMO.training["steps"])
     p.add_argument("--demo-lrs", type=floats, default=[3e-3, 1e-2, 2e-2])
     p.add_argument("--no-peers", dest="peers", action="store_false")
     p.add_argument("--report-only", action="store_true")
@@ -670,7 +695,7 @@ def pivot(records: list[dict], use: str, task: str, variant: str, key: str, extr
     body = []
     for run in runs:
         mine = [r for r in rows if r["run"] == run]
-        line = [run + (" (default)" if run == DEFAULT else "")]
+        line = [run + (" (default)" if run == DEFAULTS[use] else "")]
         line += [cell([r for r in mine if r["lr"] == lr], key, digits) for lr in lrs]
         best = min(lrs, key=lambda lr: (mean_of([r for r in mine if r["lr"] == lr], key)[0]
                                         * (-1 if key == "elbo" else 1)) if mean_of(
@@ -694,9 +719,9 @@ def report(records: list[dict]) -> str:
     groups = defaultdict(list)
     for r in records:
         groups[(r["use"], r["task"], r["variant"])].append(r)
-    titles = {"mle": "MLE, equal steps", "mle_cpu": "MLE, equal CPU time (lr 1e-3)", "digits": "Digits (64-d), nats/image",
+    titles = {"mle": "MLE, equal steps", "mle_cpu": "MLE, equal CPU time", "digits": "Digits (64-d), nats/image",
               "svi": "SVI", "fm": "Flow matching, equal CPU time", "cond": "Conditional two moons, equal CPU time",
-              "demo": "Demo training (rk4 x 4, batch 256)"}
+              "demo": "Demo training (the demo preset's solver and batch)"}
     for use in titles:
         for (u, task, variant) in sorted(k for k in groups if k[0] == use):
             out.append(f"## {titles[use]}: {task}, {variant}\n")

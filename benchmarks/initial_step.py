@@ -21,52 +21,49 @@ import torch
 
 import pyro_cnf
 from common import normal_log_prob, perturbed_field, table
-
-from pyro_cnf.nets import NO_GAINS
+from pyro_cnf.presets import PRESETS
+from pyro_cnf.training import Trainer
 
 TOLS = (1e-5, 1e-3)
 N = 1024
+#: ODENet's field without its gains (the "density_high_lr" preset's), the default before them.
+UNGAINED = PRESETS["density_high_lr"].field
 
 
 def trained_fields(log=print) -> dict[str, torch.nn.Module]:
-    """Fields after a short training: maximum likelihood (8 Gaussians, 50 and 300 Adam steps
-    at 1e-2; checkerboard 300 steps) and flow matching (checkerboard, 3000 steps)."""
+    """Fields after a short training: maximum likelihood of the "density_high_lr" preset at
+    its rate, trained at rtol = atol = 1e-5 (8 Gaussians, 50 and 300 Adam steps; checkerboard
+    300 steps), and flow matching by the "flow_matching" preset's recipe (checkerboard,
+    3000 steps of its batch size)."""
     from pyro_cnf.toy import datasets
+    from trainers import build_fm
 
     out = {}
     for name, data, steps in (("MLE 8gaussians 50", "8gaussians", 50), ("MLE 8gaussians 300", "8gaussians", 300),
                               ("MLE checkerboard 300", "checkerboard", 300)):
         torch.manual_seed(0)
-        flow = pyro_cnf.ContinuousFlow(pyro_cnf.ODENet(2, (64, 64), activation="tanh", **NO_GAINS),
-                                       train_rtol=None, train_atol=None)
-        opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
-        for i in range(steps):
-            loss = -flow.log_prob(datasets.sample(data, 512, seed=i).float()).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        out[name] = flow.vector_field.requires_grad_(False)
-        log(f"  trained {name}: loss {loss.item():.3f}")
+        flow = pyro_cnf.default_flow(2, preset="density_high_lr", rtol=1e-5, atol=1e-5)
+        trainer = Trainer(flow, lambda i, data=data: datasets.sample(data, 512, seed=i).float(), disable=True)
+        trainer.fit(steps)
+        out[name] = flow.vector_field
+        log(f"  trained {name}: loss {trainer.history[-1]['loss']:.3f}")
     torch.manual_seed(0)
-    net = pyro_cnf.ODENet(2, (64, 64, 64, 64), activation="silu", time_gate_scale=10.0, **NO_GAINS)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for i in range(3000):
-        loss = pyro_cnf.flow_matching_loss(net, datasets.sample("checkerboard", 512, seed=i).float(), path="cosine")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out["FM checkerboard 3000"] = net.requires_grad_(False)
+    fm = build_fm(2, {"batches": 1})
+    batch = PRESETS["flow_matching"].training["batch_size"]
+    Trainer(fm.module, lambda i: datasets.sample("checkerboard", batch, seed=i).float(), fm.objective, lr=fm.lr,
+            schedule=fm.schedule, disable=True).fit(3000)
+    out["FM checkerboard 3000"] = fm.module.vector_field
     return out
 
 
 def fields(log=print) -> dict[str, torch.nn.Module]:
     torch.manual_seed(1)
-    out = {"zero-initialised d=2": pyro_cnf.ODENet(2, (64, 64), **NO_GAINS),
-           "new random d=2": pyro_cnf.ODENet(2, (64, 64), zero_init=False, **NO_GAINS),
-           "new random d=64": pyro_cnf.ODENet(64, (64, 64), zero_init=False, **NO_GAINS)}
+    out = {"zero-initialised d=2": pyro_cnf.ODENet(2, **UNGAINED),
+           "new random d=2": pyro_cnf.ODENet(2, **UNGAINED, zero_init=False),
+           "new random d=64": pyro_cnf.ODENet(64, **UNGAINED, zero_init=False)}
     out.update({f"W1 field d={d}": perturbed_field(d) for d in (2, 8, 64)})
-    torch.manual_seed(1)  # ODENet's defaults since the gains: the first layer starts 16 times sharper
-    out.update({f"new random d={d}, default gains": pyro_cnf.ODENet(d, (64, 64), zero_init=False) for d in (2, 64)})
+    torch.manual_seed(1)  # ODENet's defaults since the gains: the first layer starts sharper
+    out.update({f"new random d={d}, default gains": pyro_cnf.ODENet(d, zero_init=False) for d in (2, 64)})
     out.update(trained_fields(log))
     return {k: v.requires_grad_(False) for k, v in out.items()}
 

@@ -32,9 +32,8 @@ class LogProb:
 
 def pyro_cnf_log_prob(field: nn.Module, trace: str, rtol: float, atol: float, vjp: bool = False,
                       name: str = "pyro_cnf", **kw) -> LogProb:
-    # the same tolerances when the solve is differentiated, as the peers' (no looser training solve)
-    flow = pyro_cnf.ContinuousFlow(FieldOnly(field) if vjp else field, trace=trace, rtol=rtol, atol=atol,
-                                   train_rtol=None, train_atol=None, **kw)
+    # given tolerances apply to a differentiated solve too, as the peers' (no looser training solve)
+    flow = pyro_cnf.ContinuousFlow(FieldOnly(field) if vjp else field, trace=trace, rtol=rtol, atol=atol, **kw)
 
     def fn(x: Tensor) -> tuple[Tensor, int]:
         z, ladj = flow(x)

@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/trace_cost.py            # the issue's grid
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/trace_cost.py --depths 3 --dims 8 --repeats 5
 
-One evaluation of ``(f, tr df/dx)`` at batch 2000, one torch thread, float32, hidden width 64,
-for every (depth, d); ``eval`` runs under ``no_grad`` (sampling, evaluation), ``train``
+One evaluation of ``(f, tr df/dx)`` at batch 2000, one torch thread, float32, hidden width
+``--hidden`` (the default field's), for every (depth, d); ``eval`` runs under ``no_grad`` (sampling, evaluation), ``train``
 differentiates ``f.sum() + div.sum()`` w.r.t. the parameters and ``x`` (training by direct
 backpropagation; the forward column is then the field's forward + backward). Methods:
 
@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, table  # noqa: E402
 
 from pyro_cnf import ODENet  # noqa: E402
+from pyro_cnf.presets import PRESETS  # noqa: E402
 from pyro_cnf.trace import cheapest_exact, exact_divergence, identity_basis  # noqa: E402
 
 METHODS = ("forward", "closed", "tangents", "cyclic", "vjp", "vjp_loop", "old")
@@ -123,7 +124,7 @@ def cases(net: ODENet, x: Tensor, train: bool) -> dict[str, Callable[[], object]
     return {name: run(fns[name]) for name in METHODS if name in fns}
 
 
-def measure(depth: int, d: int, train: bool, *, hidden: int = 64, batch: int = 2000, repeats: int = 7,
+def measure(depth: int, d: int, train: bool, *, hidden: int, batch: int = 2000, repeats: int = 7,
             seed: int = 0, methods: tuple[str, ...] = METHODS) -> dict[str, float]:
     """Median CPU ms of every method for one configuration (interleaved rounds)."""
     torch.manual_seed(seed)
@@ -147,7 +148,7 @@ def measure(depth: int, d: int, train: bool, *, hidden: int = 64, batch: int = 2
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def auto_choice(depth: int, d: int, train: bool, hidden: int = 64) -> tuple[str, dict[str, float]]:
+def auto_choice(depth: int, d: int, train: bool, hidden: int) -> tuple[str, dict[str, float]]:
     """What ``trace="auto"`` runs (the column of this table that times it) and the modelled
     costs, in forward passes, of :meth:`ODENet.trace_costs`."""
     net = ODENet(d, (hidden,) * depth, zero_init=False)
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 8, 32, 64])
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=PRESETS["density"].field["hidden_dims"][0],
+                        help="every hidden layer's width (default: the density preset's first, %(default)s)")
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--modes", nargs="+", default=["eval", "train"], choices=["eval", "train"])

@@ -17,17 +17,54 @@ import io
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field as dc_field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field as dc_field, fields
 
 import torch
 from torch import Tensor, nn
 
 import pyro_cnf
 from common import normal_log_prob
-from pyro_cnf.nets import NO_GAINS
 from peers import TimeInjected
+from pyro_cnf.flow import FIELD_OPTIONS
+from pyro_cnf.presets import PRESETS
 from pyro_cnf.training import FlowMatching, MaximumLikelihood, Objective, Trainer, TrainingError
+
+#: Rows of one minibatch of W2 and W4, every run alike.
+BATCH = 256
+#: The Adam learning rate every W2/W4 run shares (flow matching: its preset's).
+LR = 2e-3
+#: The field widths of the CNF runs (the density preset's, ODENet's default); the peers get
+#: the same (zuko's MLP, the MAF's hidden features), for equal capacity.
+WIDTHS = PRESETS["density"].field["hidden_dims"]
+#: Keys of a flow-matching recipe (:func:`fm_recipe`) beside the field's ODENet keywords.
+FM_KEYS = frozenset({"lr", "schedule", "ema", "batches"} | {f.name for f in fields(FlowMatching)})
+
+
+def fm_recipe(preset: str = "flow_matching") -> dict:
+    """The ``pyro_cnf_fm`` run of a flow-matching preset: its field (ODENet keywords), its
+    ``lr``, ``schedule``, ``path`` and ``coupling``, and its batch as ``batches``
+    minibatches of :data:`BATCH` rows per step. A recipe may also set the Trainer's
+    ``ema`` and FlowMatching's ``sigma_min`` and ``t_power`` (their defaults otherwise)."""
+    p = PRESETS[preset]
+    batches, rest = divmod(p.training["batch_size"], BATCH)
+    if rest or not batches:
+        raise ValueError(f"preset {preset!r}: batch_size {p.training['batch_size']} is not a multiple of {BATCH}")
+    training = {k: v for k, v in p.training.items() if k in FM_KEYS}
+    return {**p.field, "lr": p.lr, **training, "batches": batches}
+
+
+def recipe_text(recipe: Mapping) -> str:
+    """A flow-matching recipe in words, for run descriptions and reports."""
+    return (f"ODENet {'x'.join(map(str, recipe['hidden_dims']))} {recipe['activation']}, time_gate_scale "
+            f"{recipe['time_gate_scale']:g}, {recipe['path']} path, {recipe['coupling']} coupling, "
+            f"{recipe['batches']} minibatches per step, Adam lr {recipe['lr']:g} with the "
+            f"{recipe['schedule']} schedule")
+
+
+#: The ``pyro_cnf_fm`` run (:func:`fm_recipe` of the "flow_matching" preset; ``schedule``
+#: "cosine" decays the rate to 0 over the CPU budget).
+FM_RECIPE = fm_recipe()
 
 #: Run names and what they train; see :func:`build`.
 RUNS = {
@@ -36,28 +73,22 @@ RUNS = {
     "pyro_cnf_rk4_rnode": "pyro_cnf MLE, rk4 with 8 steps + RNODE (lambda_k = lambda_j = 0.01)",
     "pyro_cnf_dopri5_rnode": "pyro_cnf MLE, dopri5 rtol=atol=1e-5 + RNODE (lambda_k = lambda_j = 0.05; "
                              "`pyro_cnf_dopri5_rnode@L` sets both to L)",
-    "pyro_cnf_fm": "pyro_cnf flow matching with the tuned recipe of trainers.FM_RECIPE (ODENet 4x64 silu, "
-                   "time_gate_scale 10, cosine path, independent coupling, 2 minibatches per step, Adam lr 2e-2 "
-                   "with cosine decay to 0 over the budget; digits: 2x256, lr 5e-3), then the exact CNF likelihood",
+    "pyro_cnf_fm": f"pyro_cnf flow matching with the 'flow_matching' preset (trainers.FM_RECIPE: "
+                   f"{recipe_text(FM_RECIPE)}; digits: the 'flow_matching_wide' preset), then the exact CNF "
+                   "likelihood",
     "pyro_cnf_dopri5x3": "pyro_cnf MLE, dopri5 on a fixed grid of 3 steps (19 NFE), closed-form exact trace",
     "pyro_cnf_dopri5x2": "pyro_cnf MLE, dopri5 on a fixed grid of 2 steps (13 NFE), closed-form exact trace",
     "pyro_cnf_dopri5x2_rnode": "pyro_cnf MLE, dopri5 on a fixed grid of 2 steps (13 NFE) + RNODE (lambda_k = "
                                "lambda_j = 0.05), closed-form exact trace",
     "pyro_cnf_hutch": "pyro_cnf MLE, dopri5 rtol=atol=1e-5, Hutchinson trace (Rademacher)",
-    "zuko": "zuko.flows.CNF (its MLP 64x64 ELU), dopri5 atol=rtol=1e-5, its exact trace (d <= 8) or Hutchinson",
+    "zuko": "zuko.flows.CNF (its ELU MLP at the CNF runs' widths), dopri5 atol=rtol=1e-5, its exact trace (d <= 8) "
+            "or Hutchinson",
     "torchdyn": "torchdyn CNF + NeuralODE (dopri5 1e-5, autograd), same ODENet field, exact trace",
     "torchdyn_default": "torchdyn CNF + NeuralODE at torchdyn's defaults (tsit5, atol = rtol = 1e-3), same ODENet "
                         "field, exact trace",
-    "maf": "nflows MaskedAutoregressiveFlow, 5 layers, hidden 64",
+    "maf": "nflows MaskedAutoregressiveFlow, 5 layers, hidden features the CNF runs' first width",
 }
 EVAL_TOL = 1e-6
-#: The ``pyro_cnf_fm`` run: ODENet options, then Trainer options (``lr`` replaces the shared
-#: learning rate; ``schedule`` "cosine" decays it to 0 over the CPU budget; ``ema`` > 0
-#: evaluates an exponential moving average of the weights with that decay), ``batches``
-#: minibatches per step (a batch of ``batches * BATCH``), and the FlowMatching objective's
-#: ``coupling``, ``sigma_min``, ``path`` and ``t_power`` (times ``T * u ** t_power``).
-FM_RECIPE = dict(activation="silu", time_gate_scale=10.0, hidden=(64, 64, 64, 64), lr=2e-2, schedule="cosine",
-                 batches=2, coupling="independent", sigma_min=1e-4, path="cosine", ema=0.0, t_power=1.0)
 #: The NFE of a trained field is measured with this adaptive solve (exact trace).
 NFE_TOL = 1e-5
 
@@ -170,33 +201,36 @@ class TorchdynDensity(nn.Module):
         return normal_log_prob(sol[:, 1:]) - sol[:, 0]
 
 
-def build_fm(d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | None = None) -> Model:
-    """The flow-matching run of :data:`FM_RECIPE`, with ``recipe``'s entries replacing its own."""
+def build_fm(d: int, recipe: Mapping | None = None) -> Model:
+    """The flow-matching run of :data:`FM_RECIPE`, with ``recipe``'s entries replacing its own
+    (ODENet keywords and :data:`FM_KEYS`)."""
     r = {**FM_RECIPE, **(recipe or {})}
-    unknown = set(r) - set(FM_RECIPE)
+    unknown = set(r) - FM_KEYS - FIELD_OPTIONS - {"hidden_dims"}
     if unknown:
-        raise ValueError(f"unknown flow-matching options {sorted(unknown)}; expected some of {sorted(FM_RECIPE)}")
-    net = pyro_cnf.ODENet(d, tuple(r["hidden"] or hidden), activation=r["activation"],
-                          time_gate_scale=r["time_gate_scale"], **NO_GAINS)  # tuned at lr 2e-2, too fast for the gains
-    objective = FlowMatching(path=r["path"], coupling=r["coupling"], sigma_min=r["sigma_min"], t_power=r["t_power"])
-    return Model(pyro_cnf.ContinuousFlow(net), objective, field=lambda flow: flow.vector_field, lr=r["lr"],
-                 schedule=r["schedule"], ema=r["ema"], batches=int(r["batches"]))
+        raise ValueError(f"unknown flow-matching options {sorted(unknown)}; expected ODENet keywords or some of "
+                         f"{sorted(FM_KEYS)}")
+    net = pyro_cnf.ODENet(d, **{k: v for k, v in r.items() if k not in FM_KEYS})
+    objective = FlowMatching(**{f.name: r[f.name] for f in fields(FlowMatching) if f.name in r})
+    trainer = {k: r[k] for k in ("lr", "schedule", "ema") if k in r}
+    return Model(pyro_cnf.ContinuousFlow(net), objective, field=lambda flow: flow.vector_field,
+                 batches=int(r["batches"]), **trainer)
 
 
-def build(run: str, d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | None = None) -> Model:
+def build(run: str, d: int, recipe: Mapping | None = None) -> Model:
     """A fresh model for ``run`` (a key of :data:`RUNS`) on ``d``-dimensional data;
     ``recipe`` overrides entries of :data:`FM_RECIPE` for ``pyro_cnf_fm``."""
     if run == "pyro_cnf_fm":
-        return build_fm(d, hidden, recipe)
+        return build_fm(d, recipe)
     run, _, lam_text = run.partition("@")  # pyro_cnf_dopri5_rnode@0.1: RNODE weight 0.1
     if lam_text and not run.endswith("_rnode"):
         raise ValueError(f"a weight @{lam_text} applies to the *_rnode runs only, not {run!r}")
     if run.startswith("pyro_cnf") and run in RUNS:
         grid = re.match(r"pyro_cnf_dopri5x(\d+)", run)
         fixed = grid or run.startswith("pyro_cnf_rk4")
-        net = pyro_cnf.ODENet(d, hidden, **(NO_GAINS if fixed else {}))  # a gained field learns a grid's error
+        # the density field; on a fixed grid without its gains, which would learn the grid's error
+        net = pyro_cnf.ODENet(d, **PRESETS["density_high_lr" if fixed else "density"].field)
         kw = (dict(method="rk4", steps=8) if run.startswith("pyro_cnf_rk4") else dict(steps=int(grid[1]))
-              if grid else dict(rtol=1e-5, atol=1e-5, train_rtol=None, train_atol=None))
+              if grid else dict(rtol=1e-5, atol=1e-5))
         regularize = run.endswith("_rnode")
         lam = (float(lam_text) if lam_text else 0.01 if run == "pyro_cnf_rk4_rnode" else 0.05) if regularize else 0.0
         trace = "hutchinson" if run == "pyro_cnf_hutch" else "exact"
@@ -209,16 +243,17 @@ def build(run: str, d: int, hidden: tuple[int, ...] = (64, 64), recipe: dict | N
         return Model(flow, MaximumLikelihood(lam, lam), field=lambda trained: trained.vector_field,
                      train_nfe=lambda: flow.nfe, own_log_prob=None if trace == "hutchinson" else own_log_prob)
     if run == "zuko":
-        zuko = ZukoDensity(d, hidden)
+        zuko = ZukoDensity(d, WIDTHS)
         return Model(zuko, field=lambda trained: ZukoField(trained.flow.transform, d), train_nfe=lambda: zuko.calls)
     if run in ("torchdyn", "torchdyn_default"):
         own = run == "torchdyn_default"
-        torchdyn = TorchdynDensity(pyro_cnf.ODENet(d, hidden), "tsit5" if own else "dopri5", 1e-3 if own else 1e-5)
+        torchdyn = TorchdynDensity(pyro_cnf.ODENet(d, **PRESETS["density"].field), "tsit5" if own else "dopri5",
+                                   1e-3 if own else 1e-5)
         return Model(torchdyn, field=lambda trained: trained.net, train_nfe=lambda: int(torchdyn.node.vf.nfe))
     if run == "maf":
         from nflows.flows import MaskedAutoregressiveFlow
 
-        return Model(MaskedAutoregressiveFlow(features=d, hidden_features=hidden[0], num_layers=5,
+        return Model(MaskedAutoregressiveFlow(features=d, hidden_features=WIDTHS[0], num_layers=5,
                                               num_blocks_per_layer=2))
     raise ValueError(f"unknown run {run!r}; expected one of {sorted(RUNS)}")
 
@@ -245,8 +280,8 @@ def field_nfe(field: nn.Module, x: Tensor) -> int:
 
 
 def train(run: str, d: int, next_batch: Callable[[int], Tensor], budget: float, test: Tensor,
-          nfe_batch: Tensor, lr: float = 2e-3, seed: int = 0, log=print, evaluate: bool = True,
-          curve_at: Sequence[float] = (), n_curve: int = 2000, recipe: dict | None = None,
+          nfe_batch: Tensor, lr: float = LR, seed: int = 0, log=print, evaluate: bool = True,
+          curve_at: Sequence[float] = (), n_curve: int = 2000, recipe: Mapping | None = None,
           keep: dict | None = None) -> RunResult:
     """Train ``run`` for ``budget`` CPU seconds on ``next_batch(step)``; score it on ``test``.
 

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 
 from common import table
-from trainers import RUNS, solver_costs, time_to_reach, train
+from trainers import BATCH, RUNS, solver_costs, time_to_reach, train
 
 DEFAULT_RUNS = ("pyro_cnf_dopri5", "pyro_cnf_dopri5x3", "pyro_cnf_dopri5_rnode", "pyro_cnf_dopri5x2",
                 "pyro_cnf_dopri5x2_rnode", "pyro_cnf_fm", "zuko", "torchdyn", "maf")
@@ -20,7 +20,6 @@ MLE_CNFS = ("pyro_cnf_dopri5", "pyro_cnf_dopri5x3", "pyro_cnf_dopri5_rnode", "py
 #: run's log-density on its own solver within RNODE_NLL of the exact evaluator, else its NFE
 #: buys a different model than the one scored.
 RNODE_NFE, RNODE_NLL = 0.5, 0.05
-BATCH = 256
 TEST_SEED = 10**6
 #: Where the flow-matching run's held-out NLL curve is recorded, as fractions of the budget
 #: (evaluated on the first N_CURVE test points; not counted in the budget).

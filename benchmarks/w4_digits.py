@@ -15,13 +15,12 @@ from dataclasses import asdict
 import torch
 
 from common import table
-from trainers import RUNS, train
+from trainers import BATCH, LR, RUNS, fm_recipe, recipe_text, train
 from w2_toy import fm_targets
 
 DEFAULT_RUNS = ("pyro_cnf_dopri5", "pyro_cnf_hutch", "pyro_cnf_fm", "zuko", "maf")
-BATCH = 256
-#: The flow-matching recipe at d = 64: trainers.FM_RECIPE with these entries replaced.
-FM_RECIPE_W4: dict = {"hidden": (256, 256), "lr": 5e-3}
+#: The flow-matching recipe at d = 64: the "flow_matching_wide" preset's.
+FM_RECIPE_W4 = fm_recipe("flow_matching_wide")
 #: Held-out NLL curve of the flow-matching run (fractions of the budget; whole test set,
 #: exact evaluator, not counted in the budget).
 CURVE_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75)
@@ -89,8 +88,8 @@ def w4_tables(out: dict, budget: float) -> str:
         curve = ("\n\nFlow matching: held-out NLL (nats/image, all test images) during training, CPU s of "
                  "training (evaluation not counted): "
                  + ", ".join(f"{s:g} s {v - out['log_det']:.1f}" for s, _, v in fm["nll_curve"]))
-    return (f"Budget {budget:g} CPU s per run, batch {BATCH}, Adam lr 2e-3 (flow matching: its own recipe "
-            f"(`pyro_cnf_fm` at d = 64 replaces {FM_RECIPE_W4} in FM_RECIPE)); "
+    return (f"Budget {budget:g} CPU s per run, batch {BATCH}, Adam lr {LR:g} (flow matching: the "
+            f"'flow_matching_wide' preset's recipe, {recipe_text(FM_RECIPE_W4)}); "
             "held-out NLL of the dequantised digits y in (0,1)^64 (nats per image and per dim; lower is better), "
             "exact evaluator.\n\n"
             + table(["run", "steps", "CPU s", "NLL (nats/image)", "nats/dim", "NFE start", "NFE end",

@@ -37,7 +37,10 @@ from sklearn.datasets import load_breast_cancer  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import pyro_cnf  # noqa: E402
+from pyro_cnf.presets import PRESETS  # noqa: E402
 from pyro_cnf.training import progress_loop  # noqa: E402
+
+GUIDE = PRESETS["guide"]
 
 
 def load_data(features: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -138,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--features", type=int, default=10, help="use the first N of the 30 features")
     parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
     parser.add_argument("--hidden", type=int, nargs="+", default=None,
-                        help="CNF hidden widths (default: pyro_cnf.cnf's, 64 64)")
-    parser.add_argument("--lr", type=float, default=1e-2)
+                        help=f"CNF hidden widths (default: the guide preset's, {GUIDE.field['hidden_dims']})")
+    parser.add_argument("--lr", type=float, default=GUIDE.lr_range[1],
+                        help="Adam's rate (default: the top of the guide preset's lr_range)")
     parser.add_argument("--tol", type=float, default=1e-3, help="CNF solver rtol = atol")
     parser.add_argument("--draws", type=int, default=1000, help="posterior draws from each guide")
     parser.add_argument("--nuts-samples", type=int, default=200)

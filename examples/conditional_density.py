@@ -37,13 +37,21 @@ from nflows.flows import Flow  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import pyro_cnf  # noqa: E402
+from pyro_cnf.presets import PRESETS  # noqa: E402
 from pyro_cnf.training import Trainer, nll  # noqa: E402
+
+DENSITY = PRESETS["density"]  # where both adapters start
 
 NOISE = 0.3
 PLOT_CONTEXTS = (-1.0, 0.5, 1.0, 2.0)
 LIMIT = 4.0  # plots show y in [-LIMIT, LIMIT]^2
 
 LogProb = Callable[[Tensor, Tensor], Tensor]
+
+
+def tolerances(tol: float | None) -> dict:
+    """``rtol = atol = tol`` for every solve, or nothing: the library's defaults."""
+    return {} if tol is None else {"rtol": tol, "atol": tol}
 
 
 def radius(x: Tensor) -> Tensor:
@@ -69,9 +77,9 @@ class PyroConditional(nn.Module):
     """A Pyro ``ConditionalTransformedDistribution`` with a ``ConditionalCNF`` as a module
     with ``log_prob(y, x)``, which is what the trainer needs."""
 
-    def __init__(self, hidden: Sequence[int], tol: float) -> None:
+    def __init__(self, hidden: Sequence[int] | None, tol: float | None) -> None:
         super().__init__()
-        self.transform = pyro_cnf.ConditionalCNF(2, 1, hidden_dims=hidden, rtol=tol, atol=tol)
+        self.transform = pyro_cnf.ConditionalCNF(2, 1, hidden_dims=hidden, **tolerances(tol))
         base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
         self.density = dist.ConditionalTransformedDistribution(base, [self.transform])
 
@@ -79,13 +87,13 @@ class PyroConditional(nn.Module):
         return self.density.condition(x).log_prob(y)
 
 
-def pyro_model(hidden: Sequence[int], tol: float) -> nn.Module:
+def pyro_model(hidden: Sequence[int] | None, tol: float | None) -> nn.Module:
     return PyroConditional(hidden, tol)
 
 
-def nflows_model(hidden: Sequence[int], tol: float) -> nn.Module:
+def nflows_model(hidden: Sequence[int] | None, tol: float | None) -> nn.Module:
     # an nflows Flow already has log_prob(inputs, context)
-    return Flow(pyro_cnf.CNFTransform(2, hidden_dims=hidden, context_dim=1, rtol=tol, atol=tol), StandardNormal([2]))
+    return Flow(pyro_cnf.CNFTransform(2, hidden_dims=hidden, context_dim=1, **tolerances(tol)), StandardNormal([2]))
 
 
 def minibatches(y: Tensor, x: Tensor, batch_size: int, seed: int):
@@ -125,9 +133,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--n-train", type=int, default=10000)
     parser.add_argument("--n-test", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's rate (Trainer's default)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
-    parser.add_argument("--tol", type=float, default=1e-4, help="solver rtol = atol")
+    parser.add_argument("--lr", type=float, default=DENSITY.lr, help="Adam's rate (the density preset's)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None,
+                        help=f"the field's widths (default: the density preset's, {DENSITY.field['hidden_dims']})")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="solver rtol = atol of every solve, training included "
+                        "(default: the library's, 1e-5, and 1e-3 for a training solve)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/conditional_density"))
     args = parser.parse_args(argv)

@@ -59,7 +59,10 @@ from pyro.infer.reparam import NeuTraReparam  # noqa: E402
 from pyro.ops.stats import effective_sample_size  # noqa: E402
 
 import pyro_cnf  # noqa: E402
+from pyro_cnf.presets import PRESETS  # noqa: E402
 from pyro_cnf.training import progress_loop  # noqa: E402
+
+GUIDE = PRESETS["guide"]
 
 Z1_SCALE = 3.0
 
@@ -197,8 +200,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=1000, help="SVI steps for the CNF guide")
     parser.add_argument("--particles", type=int, default=32, help="ELBO particles per SVI step")
     parser.add_argument("--hidden", type=int, nargs="+", default=None,
-                        help="the CNF field's widths (default: pyro_cnf.cnf's, 64 64)")
-    parser.add_argument("--lr", type=float, default=1e-2)
+                        help=f"the CNF field's widths (default: the guide preset's, {GUIDE.field['hidden_dims']})")
+    parser.add_argument("--lr", type=float, default=GUIDE.lr_range[1],
+                        help="ClippedAdam's initial rate (default: the top of the guide preset's lr_range)")
     parser.add_argument("--lrd", type=float, default=None, help="per-step lr decay (default: to 1/10 over --steps)")
     parser.add_argument("--train-solver", default="dopri5", help="the CNF's solver during SVI (names as --solvers)")
     parser.add_argument("--warmup", type=int, default=500, help="NUTS warmup draws")

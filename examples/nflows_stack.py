@@ -37,11 +37,17 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import pyro_cnf  # noqa: E402
+from pyro_cnf.presets import PRESETS  # noqa: E402
 from pyro_cnf.training import Trainer, nll  # noqa: E402
 
 ALPHA = 0.05  # keeps the logit away from +-infinity at the pixel values 0 and 16
 LEVELS = 17  # pixel values 0..16
 DIM = 64
+
+
+def tolerances(tol: float | None) -> dict:
+    """``rtol = atol = tol`` for every solve, or nothing: the library's defaults."""
+    return {} if tol is None else {"rtol": tol, "atol": tol}
 
 
 def dequantise(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -62,7 +68,7 @@ def from_logit(s: torch.Tensor) -> torch.Tensor:
     return (u * LEVELS).clamp(0, LEVELS - 1)
 
 
-def make_flow(layers: int, hidden: int, cnf_hidden: Sequence[int] | None, tol: float) -> Flow:
+def make_flow(layers: int, hidden: int, cnf_hidden: Sequence[int] | None, tol: float | None) -> Flow:
     """``layers`` x (MAF, reverse permutation), with a CNF in front when ``cnf_hidden`` is given.
 
     The MAF layers are built first, so that under the same seed both flows start from the
@@ -72,7 +78,7 @@ def make_flow(layers: int, hidden: int, cnf_hidden: Sequence[int] | None, tol: f
     for _ in range(layers):
         transforms += [MaskedAffineAutoregressiveTransform(DIM, hidden_features=hidden), ReversePermutation(DIM)]
     if cnf_hidden is not None:
-        transforms.insert(0, pyro_cnf.CNFTransform(DIM, hidden_dims=cnf_hidden, rtol=tol, atol=tol))
+        transforms.insert(0, pyro_cnf.CNFTransform(DIM, hidden_dims=cnf_hidden, **tolerances(tol)))
     return Flow(CompositeTransform(transforms), StandardNormal([DIM]))
 
 
@@ -117,11 +123,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="Adam steps, the same for both flows")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=PRESETS["density"].lr, help="Adam's rate (the density preset's)")
     parser.add_argument("--layers", type=int, default=4, help="MAF layers")
     parser.add_argument("--hidden", type=int, default=128, help="MAF hidden width")
-    parser.add_argument("--cnf-hidden", type=int, nargs="+", default=[64, 64])
-    parser.add_argument("--tol", type=float, default=1e-4, help="CNF solver rtol = atol")
+    parser.add_argument("--cnf-hidden", type=int, nargs="+", default=list(PRESETS["density"].field["hidden_dims"]),
+                        help="the CNF field's widths (default: the density preset's, %(default)s)")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="solver rtol = atol of every solve, training included "
+                        "(default: the library's, 1e-5, and 1e-3 for a training solve)")
     parser.add_argument("--max-images", type=int, default=None, help="use fewer images (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/nflows_stack"))

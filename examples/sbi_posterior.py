@@ -20,9 +20,9 @@ seconds (``--budget``), then sbi's posterior samples and scores it:
 * ``CNF by NPE (sbi)``: route (a), ``NPE(prior, density_estimator=build_cnf_estimator)``:
   sbi's own maximum-likelihood training of a pyro_cnf estimator built like sbi's
   (z-scored theta and x), with the library's default field and solver;
-* ``CNF by flow matching``: route (b), ``flow_matching_estimator``: the flow-matching
-  recipe's conditional field (4x64 silu), trained without a solve, then handed to sbi's
-  ``DirectPosterior`` for sampling and ``log_prob``.
+* ``CNF by flow matching``: route (b), ``flow_matching_estimator``: the conditional field
+  and recipe of the ``"flow_matching"`` preset, trained without a solve, then handed to
+  sbi's ``DirectPosterior`` for sampling and ``log_prob``.
 
 sbi's trainers count epochs, not seconds: a probe run prices an epoch, and the real run
 gets ``max_num_epochs = budget / price`` (early stopping stays on, so a run may stop
@@ -56,9 +56,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from pyro_cnf.presets import PRESETS  # noqa: E402
 from pyro_cnf.sbi import build_cnf_estimator, flow_matching_estimator  # noqa: E402
 
 R_MEAN, R_STD, SHIFT = 0.1, 0.01, 0.25
+NPE, FM = PRESETS["sbi"], PRESETS["flow_matching"]  # where the two CNF routes start
 METHODS = ("NSF (sbi)", "FMPE (sbi)", "CNF by NPE (sbi)", "CNF by flow matching")
 
 
@@ -256,12 +258,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--observations", type=int, default=3)
     parser.add_argument("--posterior-samples", type=int, default=5000, help="per observation, and as many exact ones")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="CNF by NPE: the field's widths")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None,
+                        help=f"CNF by NPE: the field's widths (default: the sbi preset's, {NPE.field['hidden_dims']})")
     parser.add_argument("--npe-lr", type=float, default=None, help="CNF by NPE: sbi's learning rate (its 5e-4)")
-    parser.add_argument("--fm-hidden", type=int, nargs="+", default=[64, 64, 64, 64],
-                        help="CNF by flow matching: the field's widths")
-    parser.add_argument("--fm-lr", type=float, default=2e-2, help="flow matching: Adam's initial rate (cosine decay)")
-    parser.add_argument("--fm-path", default="cosine", help="flow matching: the conditional path")
+    parser.add_argument("--fm-hidden", type=int, nargs="+", default=None,
+                        help=f"CNF by flow matching: the field's widths (default: the flow_matching preset's, "
+                             f"{FM.field['hidden_dims']})")
+    parser.add_argument("--fm-lr", type=float, default=FM.lr,
+                        help=f"flow matching: Adam's initial rate ({FM.training['schedule']} schedule; default: "
+                             "the flow_matching preset's, %(default)s)")
+    parser.add_argument("--fm-path", default=FM.training["path"],
+                        help="flow matching: the conditional path (default: the flow_matching preset's, %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="a tqdm bar for flow-matching training")
     parser.add_argument("--out", type=Path, default=Path("out/sbi_posterior"))

@@ -30,6 +30,7 @@ from pyro.infer import SVI, Trace_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow  # noqa: E402
 
 import pyro_cnf  # noqa: E402
+from pyro_cnf.presets import PRESETS  # noqa: E402
 from pyro_cnf.training import progress_loop  # noqa: E402
 
 # name: (the law of z1, the law of z2 given z1, plot limits (z1, z2))
@@ -116,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=600, help="SVI steps, the same for every guide")
     parser.add_argument("--particles", type=int, default=64, help="ELBO particles per training step")
     parser.add_argument("--eval-particles", type=int, default=2048, help="final ELBO: 8 batches of this many")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[32, 32], help="hidden widths (IAF, CNF)")
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[32, 32],
+                        help="hidden widths, the same for the IAF and the CNF")
+    parser.add_argument("--lr", type=float, default=PRESETS["guide"].lr, help="Adam's rate (the guide preset's)")
     parser.add_argument("--tol", type=float, default=1e-3, help="CNF solver rtol = atol in training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/svi_guide"))

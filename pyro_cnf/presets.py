@@ -75,6 +75,11 @@ class Preset:
     training: Mapping[str, Any] = field(default_factory=dict)
     optimizer: str = "Adam"
 
+    @property
+    def schedule(self) -> str:
+        """The learning-rate schedule of its recipe (``"constant"`` unless it names one)."""
+        return self.training.get("schedule", "constant")
+
     def __post_init__(self) -> None:
         for name in ("field", "flow", "training"):  # read-only: a preset is shared by every builder
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
@@ -136,9 +141,10 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
     ),
     Preset(
         "demo_flow_matching",
-        {"hidden_dims": (64, 64), "activation": "tanh", "time_gate_scale": 0.1, "scale_rate": 0.0, **_GAINS_OFF},
+        {"hidden_dims": (64, 64), "activation": "tanh", "time_gate_scale": 10.0, "scale_rate": 0.0, **_GAINS_OFF},
         lr=1e-2, lr_range=(3e-3, 2e-2), training={"steps": 4000, "batch_size": 256, "schedule": "constant"},
-        reason="the demo's flow matching at its lr 1e-2: tanh, without the gains (a stiff field at that rate)",
+        reason="the demo's flow matching at its lr 1e-2: tanh with steep initial time gates (flow matching needs a "
+               "field that depends on t from the start), without the gains (a stiff field at that rate)",
     ),
 )})
 

@@ -65,7 +65,8 @@ class ConditionedCNF(Transform):
         super().__init__(cache_size=cache_size)
         self.flow = flow
         self.context = context
-        self._cached_ladj: Tensor | None = None
+        # (z, x, log|det dx/dz|) of the last solve, the log-det None when it was skipped
+        self._last_solve: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None)
 
     def __call__(self, z: Tensor) -> Tensor:
         if self._cache_size and self._trace_free():
@@ -80,20 +81,22 @@ class ConditionedCNF(Transform):
 
     def _call(self, z: Tensor) -> Tensor:
         x, ladj = self.flow(z, self.context, reverse=True, logdet=not self._trace_free())
-        self._cached_ladj = ladj
+        self._last_solve = z, x, ladj
         return x
 
     def _inverse(self, x: Tensor) -> Tensor:
         z, ladj = self.flow(x, self.context)
-        self._cached_ladj = -ladj
+        self._last_solve = z, x, -ladj
         return z
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
-        """``log|det dx/dz|`` of the base -> data map, shape = batch shape."""
-        z_old, x_old = getattr(self, "_cached_x_y", (None, None))
-        if z is z_old and x is x_old and self._cached_ladj is not None:
-            return self._cached_ladj
-        return self.flow(z, self.context, reverse=True)[1]  # leaves the cached pair intact
+        """``log|det dx/dz|`` of the base -> data map, shape = batch shape: the last solve's
+        when ``(z, x)`` are the very tensors it took and gave (and the cache is on), else a
+        new solve from ``z``."""
+        z_last, x_last, ladj = self._last_solve
+        if self._cache_size and z is z_last and x is x_last and ladj is not None:
+            return ladj
+        return self.flow(z, self.context, reverse=True)[1]
 
     def with_cache(self, cache_size: int = 1) -> ConditionedCNF:
         if cache_size == self._cache_size:
@@ -107,7 +110,7 @@ class ConditionedCNF(Transform):
         this): needed when the same input tensor is passed again after the parameters
         changed, e.g. a full-batch training loop on one data tensor."""
         self._cached_x_y = None, None
-        self._cached_ladj = None
+        self._last_solve = None, None, None
 
 
 def _clear_cache_after_load(module: ConditionedCNF, incompatible_keys: Any) -> None:
@@ -215,7 +218,9 @@ class ConditionalCNF(ConditionalTransformModule):
 
 
 @takes_settings
-def cnf(input_dim: int, hidden_dims: Sequence[int] | None = None, **settings: Any) -> CNF:
+def cnf(
+    input_dim: int, hidden_dims: Sequence[int] | None = None, *, preset: str | Preset | None = None, **settings: Any
+) -> CNF:
     """A :class:`CNF` in Pyro's factory manner (the ``"guide"`` preset unless ``preset=`` says
     otherwise).
 
@@ -225,12 +230,18 @@ def cnf(input_dim: int, hidden_dims: Sequence[int] | None = None, **settings: An
         >>> make(3).flow.vector_field.hidden_dims
         (32, 32)
     """
-    return CNF(input_dim, hidden_dims, **settings)
+    return CNF(input_dim, hidden_dims, preset=preset, **settings)
 
 
 @takes_settings
 def conditional_cnf(
-    input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None, **settings: Any
+    input_dim: int,
+    context_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    *,
+    preset: str | Preset | None = None,
+    **settings: Any,
 ) -> ConditionalCNF:
-    """A :class:`ConditionalCNF` in Pyro's factory manner."""
-    return ConditionalCNF(input_dim, context_dim, hidden_dims, **settings)
+    """A :class:`ConditionalCNF` in Pyro's factory manner (the ``"density"`` preset unless
+    ``preset=`` says otherwise)."""
+    return ConditionalCNF(input_dim, context_dim, hidden_dims, preset=preset, **settings)

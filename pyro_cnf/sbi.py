@@ -256,9 +256,11 @@ def train_flow_matching(
     from .training import FlowMatching, Trainer, step_seed
 
     recipe = get_preset(preset, "train_flow_matching")
-    batch_size = recipe.training.get("batch_size", 512) if batch_size is None else batch_size
+    batch_size = recipe.training.get("batch_size") if batch_size is None else batch_size
+    if batch_size is None:
+        raise ValueError(f"train_flow_matching: preset {recipe.name!r} names no batch_size; pass batch_size=")
     lr = recipe.lr if lr is None else lr
-    schedule = recipe.training.get("schedule", "constant") if schedule is None else schedule
+    schedule = recipe.schedule if schedule is None else schedule
     options = {f.name for f in dataclasses.fields(FlowMatching)}
     objective = {**{k: v for k, v in recipe.training.items() if k in options}, **objective}
 

@@ -13,6 +13,7 @@ import torch
 
 from pyro_cnf import ContinuousFlow, ODENet, SolverError
 from pyro_cnf.demo import build_parser, main
+from pyro_cnf.presets import PRESETS
 from pyro_cnf.toy import demo
 from pyro_cnf.toy.plots import density_grid, plot_flow, trajectories
 from pyro_cnf.training import RunLock, Trainer, TrainingError, load_checkpoint, save_checkpoint
@@ -266,26 +267,75 @@ def test_the_flow_matching_recipe_runs_through_the_demo(tmp_path, monkeypatch):
         "path": "cosine", "coupling": "minibatch_ot", "schedule": "cosine", "ema": 0.9, "activation": "silu"}
 
 
+def parsed(*argv):
+    """The demo's settings for ``argv``, its defaults filled in."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    demo._check_arguments(parser, args)
+    return args
+
+
 @pytest.mark.parametrize(
     "objective, low, high, activation", [("mle", 0.0, 0.5, "softplus"), ("flow_matching", 5.0, 20.0, "tanh")]
 )
 def test_flow_matching_starts_with_steep_time_gates(objective, low, high, activation):
     # the activation too depends on the objective: softplus for the 4-step rk4 grid of mle
     torch.manual_seed(0)
-    parser = build_parser()
-    args = parser.parse_args(["--objective", objective])
-    demo._check_arguments(parser, args)
+    args = parsed("--objective", objective)
     flow = demo._flow(args)
+    assert flow.preset == args.preset == demo.DEMO_PRESETS[objective]
     field = flow.vector_field
     slopes = field.time_gate.detach() * field.time_gain  # stored divided by the time gain
     assert low < slopes.std().item() < high
     # no gains: the demo's lr 1e-2 and fixed grid suit the field without them
     assert (field.input_gain, field.time_gain, field.hidden_gain) == (1.0, 1.0, 1.0)
     assert flow.vector_field.activation == activation
-    explicit = parser.parse_args(["--objective", objective, "--activation", "elu"])
-    demo._check_arguments(parser, explicit)
-    assert demo._flow(explicit).vector_field.activation == "elu"
+    assert demo._flow(parsed("--objective", objective, "--activation", "elu")).vector_field.activation == "elu"
     assert demo.exact_flow(flow, 1e-6).vector_field is flow.vector_field
+
+
+def test_the_preset_gives_the_defaults_and_the_options_given_win(capsys):
+    density = PRESETS["density"]
+    args = parsed("--preset", "density", "--steps", "2")
+    flow = demo._flow(args)
+    field = flow.vector_field
+    assert flow.preset == "density" and args.steps == 2 and args.lr == density.lr
+    assert (field.activation, field.input_gain, field.time_gain, field.hidden_gain) == tuple(
+        density.field[k] for k in ("activation", "input_gain", "time_gain", "hidden_gain"))
+    assert args.hidden == tuple(density.field["hidden_dims"]) and args.schedule == "constant"
+    assert (flow.method, flow.steps, args.ode_steps) == ("dopri5", None, None)  # the solver's own, adaptive
+    assert args.batch_size == PRESETS["demo"].training["batch_size"]  # the demo's, where the preset names none
+    # solver tolerances: the solver's unless given, and then in training too
+    assert (flow.train_rtol, flow.train_atol) == (ContinuousFlow(field).train_rtol, ContinuousFlow(field).train_atol)
+    tight = demo._flow(parsed("--preset", "density", "--rtol", "1e-4", "--atol", "2e-4"))
+    assert (tight.rtol, tight.atol, tight.train_rtol, tight.train_atol) == (1e-4, 2e-4, 1e-4, 2e-4)
+    given = parsed("--preset", "density", "--lr", "0.05", "--hidden", "8", "--activation", "silu", "--steps", "3",
+                   "--batch-size", "16", "--schedule", "cosine", "--method", "rk4", "--ode-steps", "3")  # fmt: skip
+    flow = demo._flow(given)
+    assert (given.lr, given.batch_size, given.schedule, given.steps) == (0.05, 16, "cosine", 3)
+    assert (flow.vector_field.hidden_dims, flow.vector_field.activation) == ((8,), "silu")
+    assert (flow.method, flow.steps, flow.vector_field.input_gain) == ("rk4", 3, density.field["input_gain"])
+    assert demo._flow(parsed("--method", "euler")).steps == PRESETS["demo"].flow["steps"]  # the demo's grid
+    fm = parsed("--objective", "flow_matching", "--preset", "flow_matching")
+    assert (fm.path, fm.schedule, fm.lr) == ("cosine", "cosine", PRESETS["flow_matching"].lr)
+    with pytest.raises(SystemExit):
+        parsed("--preset", "density", "--method", "rk4")
+    assert "argument --ode-steps: --method rk4 takes a grid, and --preset density names none" in error_line(capsys)
+    for name in PRESETS:  # every preset gives every default
+        for objective in demo.DEMO_PRESETS:
+            args = parsed("--preset", name, "--objective", objective)
+            assert None not in (args.lr, args.hidden, args.activation, args.steps, args.batch_size, args.schedule)
+
+
+def test_a_run_stores_its_preset_and_resumes_only_under_it(tmp_path, capsys):
+    assert run_demo(tmp_path, "--preset", "density_high_lr", "--steps", "2") == 0
+    config = checkpoint_of(tmp_path)["config"]
+    assert (config["preset"], config["lr"], config["activation"]) == ("density_high_lr", 1e-2, "tanh")
+    assert (config["method"], config["rtol"], config["atol"]) == ("dopri5", None, None)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_demo(tmp_path, "--steps", "3", "--resume", "--preset", "density")
+    assert "--preset 'density_high_lr' in the checkpoint, 'density' now" in error_line(capsys)
 
 
 def test_help_names_the_solvers_that_run_and_what_an_existing_out_does(capsys):
@@ -295,6 +345,15 @@ def test_help_names_the_solvers_that_run_and_what_an_existing_out_does(capsys):
     assert "dopri5, euler, midpoint, rk4 run on pyro_cnf's own Runge-Kutta solver, the others on torchdiffeq" in text
     assert "without --resume or --overwrite a run refuses to start when that checkpoint exists" in text
     assert "locked for the whole run" in text and "exit status: 0: done; 1: training stopped" in text
+    # every option's default, those of the preset under each objective's own
+    demo_, fm = PRESETS["demo"], PRESETS["demo_flow_matching"]
+    assert "(default: demo for --objective mle, demo_flow_matching for --objective flow_matching)" in text
+    assert f"Adam's learning rate (default: from --preset; {demo_.lr:g} with demo, {fm.lr:g} with demo_" in text
+    assert (f"ODENet's activation (default: from --preset; {demo_.field['activation']} with demo, "
+            f"{fm.field['activation']} with demo_flow_matching)") in text  # fmt: skip
+    assert f"(default: from --preset; {demo_.flow['steps']} with demo, none with demo_flow_matching)" in text
+    assert "conditional path (default: from --preset; ot with demo_flow_matching)" in text
+    assert "(default: the solver's, 1e-05, 0.001 in training)" in text and "(default: 1e-06)" in text
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,7 @@ def test_adapters_check_dimensions():
         CNF(3, flow=flow())
     with pytest.raises(ValueError, match="input_dim=3"):
         CNFTransform(3, flow=flow())
-    with pytest.raises(ValueError, match="either flow= or flow settings"):
+    with pytest.raises(ValueError, match="either flow= or settings"):
         CNF(2, flow=flow(), trace="exact")
     with pytest.raises(ValueError, match=r"shape \(\.\.\., 2\)"):
         CNF(2)(torch.randn(4, 3))

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_cnf import ContinuousFlow, ODENet, SolverError
+from pyro_cnf import CNFTransform, ContinuousFlow, ODENet, SolverError, default_flow
 from pyro_cnf.flow_matching import flow_matching_loss
-from pyro_cnf.nets import NO_GAINS
+from pyro_cnf.presets import PRESETS, Preset
 from pyro_cnf.training import (
+    SCHEDULES,
     CheckpointError,
     Checkpointing,
     Evaluation,
@@ -28,13 +29,16 @@ from pyro_cnf.training import (
 )
 from tests.fields import NoDivergence, QuadraticField
 
+#: ODENet's gains off: a field for fast fixed grids, built without a preset.
+GAINS_OFF = {"input_gain": 1.0, "time_gain": 1.0, "hidden_gain": 1.0}
+
 
 def small_flow(seed=0, **kw):
     torch.manual_seed(seed)
     kw.setdefault("method", "rk4")
     kw.setdefault("steps", 2)
     # fast fixed grids, so no gains (Trainer warns of them there)
-    return ContinuousFlow(ODENet(2, (8, 8), zero_init=False, **NO_GAINS), **kw)
+    return ContinuousFlow(ODENet(2, (8, 8), zero_init=False, **GAINS_OFF), **kw)
 
 
 def gaussian_batches(step):
@@ -60,10 +64,10 @@ class ConditionalGaussian(nn.Module):
 
 def test_maximum_likelihood_on_a_fixed_grid_warns_of_the_gains_only():
     gained = ContinuousFlow(ODENet(2, (8,)), method="rk4", steps=4)
-    with pytest.warns(UserWarning, match="gains .* fixed grid of 4 steps.*NO_GAINS"):
+    with pytest.warns(UserWarning, match="gains .* fixed grid of 4 steps.*preset='density_high_lr'"):
         Trainer(gained, gaussian_batches)
     quiet = [
-        (ContinuousFlow(ODENet(2, (8,), **NO_GAINS), method="rk4", steps=4), MaximumLikelihood()),
+        (default_flow(2, (8,), preset="demo"), MaximumLikelihood()),  # its 4-step grid without gains
         (ContinuousFlow(ODENet(2, (8,))), MaximumLikelihood()),  # adaptive
         (gained, FlowMatching()),  # no solve while training
     ]
@@ -71,6 +75,32 @@ def test_maximum_likelihood_on_a_fixed_grid_warns_of_the_gains_only():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             Trainer(model, gaussian_batches, objective)
+
+
+def test_trainer_takes_lr_and_schedule_from_the_given_preset_the_flows_or_density():
+    from nflows.distributions import StandardNormal
+    from nflows.flows import Flow
+
+    fm = default_flow(2, (8,), preset="flow_matching")
+    in_nflows = Flow(CNFTransform(2, (8,), preset="density_high_lr"), StandardNormal([2]))
+    mine = Preset("mine", {}, lr=0.3, lr_range=(0.1, 0.5), reason="a test's", training={"schedule": "cosine"})
+    cases = [
+        (Trainer(fm, gaussian_batches, lr=0.05, schedule="constant"), 0.05, "constant"),  # explicit wins
+        (Trainer(fm, gaussian_batches, lr=0.05), 0.05, PRESETS["flow_matching"].training["schedule"]),
+        (Trainer(fm, gaussian_batches, preset="density_high_lr"), PRESETS["density_high_lr"].lr, "constant"),
+        (Trainer(small_flow(), gaussian_batches, preset=mine), 0.3, "cosine"),
+        (Trainer(fm, gaussian_batches), PRESETS["flow_matching"].lr, "cosine"),  # the flow's preset
+        (Trainer(in_nflows, gaussian_batches), 1e-2, "constant"),  # the flow inside nflows' Flow
+        (Trainer(small_flow(), gaussian_batches), PRESETS["density"].lr, "constant"),  # built without a preset
+    ]
+    for trainer, lr, schedule in cases:
+        assert (trainer.lr, trainer.factor) == (lr, SCHEDULES[schedule])
+    with pytest.raises(ValueError, match=r"Trainer: unknown preset 'fast'; expected one of \[.*'density_high_lr'"):
+        Trainer(fm, gaussian_batches, lr=0.05, schedule="constant", preset="fast")  # checked though unused
+    custom = default_flow(2, (8,), preset=mine)
+    with pytest.raises(ValueError, match="built from the preset 'mine', which is not in .*pass that Preset"):
+        Trainer(custom, gaussian_batches)
+    assert Trainer(custom, gaussian_batches, preset=mine).lr == 0.3
 
 
 def test_import_pyro_cnf_leaves_training_and_the_toy_layer_alone():

@@ -1,6 +1,9 @@
 """Train a CNF on a 2-D toy density, report its held-out NLL, draw it.
 
-Run ``python -m pyro_cnf.demo --help`` for the options. The run writes to ``--out``:
+Run ``python -m pyro_cnf.demo --help`` for the options; the model's, the optimiser's and
+the solver's start from a preset (``--preset``, :data:`pyro_cnf.presets.PRESETS`: ``"demo"``
+for maximum likelihood, ``"demo_flow_matching"`` for flow matching), and those given
+replace its values. The run writes to ``--out``:
 ``demo.png`` (data, model density, model samples, trajectories), ``metrics.json`` and
 ``checkpoint.pt``, every file atomically; ``--resume`` continues from that checkpoint
 exactly where it stopped. A run holds a lock on ``--out`` (``--out/.lock``) from start to
@@ -17,6 +20,7 @@ different settings); 3 trained, but the held-out evaluation or the picture faile
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -27,31 +31,26 @@ from typing import Any
 
 import torch
 
-from ..flow import ContinuousFlow, SolverError
-from ..ode import ADAPTIVE_METHODS, FIXED_METHODS
-from ..nets import ACTIVATIONS, NO_GAINS, ODENet
+from ..flow import ContinuousFlow, SolverError, default_flow
+from ..nets import ACTIVATIONS
+from ..ode import ADAPTIVE_METHODS, FIXED_METHODS, Solver
 from ..ode.rk import METHODS as OWN_METHODS
+from ..presets import PRESETS, Preset
 from ..training import distributed
 from ..training.checkpoint import CheckpointError, RunLock, RunLockedError, write_atomic
 from ..training.objectives import FlowMatching, MaximumLikelihood, Objective
 from ..training.trainer import Checkpointing, Evaluation, Trainer, TrainingError, step_seed
 from . import datasets
 
-__all__ = ["main", "run", "build_parser", "DEFAULTS", "EXIT_CODES"]
+__all__ = ["main", "run", "build_parser", "DEMO_PRESETS", "EXIT_CODES"]
 
-#: The demo's default model and optimiser settings, in one place, chosen by the defaults
-#: study (BENCHMARKS.md, "Defaults"); the README quotes the run they give.
-DEFAULTS: dict[str, Any] = {
-    "steps": 4000, "batch_size": 256, "lr": 1e-2, "hidden": "64,64", "trace": "auto",
-    "method": "rk4", "ode_steps": 4, "rtol": 1e-3, "atol": 1e-3,
-}  # fmt: skip
-#: ODENet's activation by objective when --activation is not given. Maximum likelihood on
-#: the demo's 4-step rk4 grid keeps softplus: a tanh field learns to exploit the coarse
-#: grid (train loss 2.7, held-out NLL 4.7 against 3.47 for the true density), while
-#: flow matching, which never solves while training, takes ODENet's default.
-ACTIVATIONS_BY_OBJECTIVE: dict[str, str] = {"mle": "softplus", "flow_matching": "tanh"}
-#: The defaults of the flow-matching options (:class:`~pyro_cnf.training.FlowMatching`'s).
-FM_DEFAULTS: dict[str, Any] = {"path": "ot", "coupling": "independent", "sigma_min": 1e-4}
+#: The --preset of each --objective when none is given; the README quotes the run of "demo".
+DEMO_PRESETS: dict[str, str] = {"mle": "demo", "flow_matching": "demo_flow_matching"}
+#: The flow-matching options' defaults where the preset's ``training`` names none:
+#: :class:`~pyro_cnf.training.FlowMatching`'s own.
+FM_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(FlowMatching) if f.name in ("path", "coupling", "sigma_min")
+}
 #: What each exit status means.
 EXIT_CODES = {
     0: "done",
@@ -61,8 +60,6 @@ EXIT_CODES = {
     3: "trained, but the held-out evaluation or the picture failed (metrics.json records it; the checkpoint is kept)",
     130: "interrupted (the last checkpoint is kept; continue with --resume)",
 }
-#: ODENet's time_gate_scale for --objective flow_matching (see BENCHMARKS.md, W2).
-FM_TIME_GATE_SCALE = 10.0
 #: Held-out samples live in their own stream, apart from every training step's.
 EVAL_STREAM = -1
 #: The largest --seed: torch seeds are 64-bit, and non-negative ones keep the streams apart.
@@ -114,6 +111,41 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _preset_defaults(preset: Preset, objective: str) -> dict[str, Any]:
+    """The defaults ``preset`` gives the options marked "from --preset", by ``dest``. A
+    preset without a step count or batch size (one tuned for a library use, not for a
+    run) takes those of ``objective``'s demo preset; one without a method, the solver's
+    own (adaptive, ``ode_steps`` ``None``)."""
+    demo = PRESETS[DEMO_PRESETS[objective]].training
+    training = {"steps": demo["steps"], "batch_size": demo["batch_size"], **preset.training}
+    return {
+        "lr": preset.lr,
+        "hidden": tuple(preset.field["hidden_dims"]),
+        "activation": preset.field["activation"],
+        "steps": training["steps"],
+        "batch_size": training["batch_size"],
+        "schedule": preset.schedule,
+        "method": preset.flow.get("method", Solver().method),
+        "ode_steps": preset.flow.get("steps"),
+        **{name: training.get(name, default) for name, default in FM_DEFAULTS.items()},
+    }
+
+
+def _from_preset(dest: str, objectives: Sequence[str] = tuple(DEMO_PRESETS)) -> str:
+    """``--help``'s note on the default of an option that comes from the preset: its value
+    under the default preset of each of ``objectives``."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, tuple):
+            return ",".join(map(str, value))
+        return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    values = ", ".join(
+        f"{text(_preset_defaults(PRESETS[DEMO_PRESETS[o]], o)[dest])} with {DEMO_PRESETS[o]}" for o in objectives
+    )
+    return f" (default: from --preset; {values})"
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the ones resolved at run time (``None``) and flags."""
 
@@ -137,47 +169,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     own = sorted(OWN_METHODS)
+    fm_only = ("flow_matching",)
+    solver = Solver()
     add("--dataset", default="checkerboard", choices=datasets.NAMES, help="the toy density")
-    add("--steps", type=_int_in(0), default=DEFAULTS["steps"],
-        help="optimiser steps in all (a resumed run counts the steps already done)")
-    add("--batch-size", type=_int_in(1), default=DEFAULTS["batch_size"],
-        help="training samples per step, fresh every step (under torchrun: split over the processes)")
-    add("--lr", type=_positive, default=DEFAULTS["lr"], help="Adam's learning rate")
-    add("--schedule", default="constant", choices=("constant", "cosine"),
-        help="learning-rate schedule: constant, or cosine decay to 0 at --steps")
-    add("--ema", type=_fraction, default=0.0,
-        help="decay of an exponential moving average of the weights, which is then evaluated and drawn (0: none)")
-    add("--hidden", type=_widths, default=DEFAULTS["hidden"],
-        help="hidden widths of the ODENet vector field, e.g. 64,64")
-    add("--activation", choices=sorted(ACTIVATIONS),
-        help="ODENet's activation (default: softplus for mle on the demo's fixed grid, tanh for flow_matching)")
     add("--objective", default="mle", choices=("mle", "flow_matching"),
         help="mle: exact maximum likelihood through the ODE solve; flow_matching: simulation-free "
         "regression of the field on a conditional path, no solve while training")
+    add("--preset", default=None, choices=sorted(PRESETS),
+        help="the tuned configuration (pyro_cnf.presets.PRESETS) that gives the defaults marked 'from --preset'; "
+        "the options given replace its values, and a preset without a step count or batch size takes the objective's "
+        "demo preset's (default: "
+        + ", ".join(f"{name} for --objective {objective}" for objective, name in DEMO_PRESETS.items()) + ")")
+    add("--steps", type=_int_in(0), default=None,
+        help="optimiser steps in all (a resumed run counts the steps already done)" + _from_preset("steps"))
+    add("--batch-size", type=_int_in(1), default=None,
+        help="training samples per step, fresh every step (under torchrun: split over the processes)"
+        + _from_preset("batch_size"))
+    add("--lr", type=_positive, default=None, help="Adam's learning rate" + _from_preset("lr"))
+    add("--schedule", default=None, choices=("constant", "cosine"),
+        help="learning-rate schedule: constant, or cosine decay to 0 at --steps" + _from_preset("schedule"))
+    add("--ema", type=_fraction, default=0.0,
+        help="decay of an exponential moving average of the weights, which is then evaluated and drawn (0: none)")
+    add("--hidden", type=_widths, default=None,
+        help="hidden widths of the ODENet vector field, e.g. 64,64" + _from_preset("hidden"))
+    add("--activation", choices=sorted(ACTIVATIONS), default=None,
+        help="ODENet's activation" + _from_preset("activation"))
     mle = parser.add_argument_group("maximum likelihood (--objective mle)")
-    mle.add_argument("--trace", default=DEFAULTS["trace"], choices=("auto", "exact", "hutchinson"),
+    mle.add_argument("--trace", default="auto", choices=("auto", "exact", "hutchinson"),
                      help="log-det estimator while training (auto and exact use ODENet's closed-form trace)")
-    mle.add_argument("--method", default=DEFAULTS["method"], choices=sorted(ADAPTIVE_METHODS | FIXED_METHODS),
+    mle.add_argument("--method", default=None, choices=sorted(ADAPTIVE_METHODS | FIXED_METHODS),
                      metavar="METHOD",
                      help=f"ODE solver while training: fixed-grid (taking --ode-steps) "
                      f"{', '.join(sorted(FIXED_METHODS))}; adaptive (taking --rtol, --atol) "
                      f"{', '.join(sorted(ADAPTIVE_METHODS))}. {', '.join(own)} run on pyro_cnf's own "
-                     "Runge-Kutta solver, the others on torchdiffeq")
-    mle.add_argument("--ode-steps", type=_int_in(1), default=DEFAULTS["ode_steps"],
-                     help="steps over [0, T] of a fixed-grid --method")
-    mle.add_argument("--rtol", type=_positive, default=DEFAULTS["rtol"],
-                     help="relative tolerance of an adaptive --method")
-    mle.add_argument("--atol", type=_positive, default=DEFAULTS["atol"],
-                     help="absolute tolerance of an adaptive --method")
+                     "Runge-Kutta solver, the others on torchdiffeq" + _from_preset("method"))
+    mle.add_argument("--ode-steps", type=_int_in(1), default=None,
+                     help="steps over [0, T] of a fixed-grid --method" + _from_preset("ode_steps"))
+    mle.add_argument("--rtol", type=_positive, default=None,
+                     help="relative tolerance of an adaptive --method, in training too (default: the solver's, "
+                     f"{solver.tolerances(False)[0]:g}, {solver.tolerances(True)[0]:g} in training)")
+    mle.add_argument("--atol", type=_positive, default=None,
+                     help="absolute tolerance of an adaptive --method, in training too (default: the solver's, "
+                     f"{solver.tolerances(False)[1]:g}, {solver.tolerances(True)[1]:g} in training)")
     mle.add_argument("--lambda-kinetic", type=_non_negative, default=0.0, help="RNODE kinetic-energy penalty")
     mle.add_argument("--lambda-jacobian", type=_non_negative, default=0.0, help="RNODE Jacobian-norm penalty")
     fm = parser.add_argument_group("flow matching (--objective flow_matching)")
     fm.add_argument("--path", default=None, choices=("ot", "cosine"),
-                    help=f"conditional path (default {FM_DEFAULTS['path']})")
+                    help="conditional path" + _from_preset("path", fm_only))
     fm.add_argument("--coupling", default=None, choices=("independent", "minibatch_ot"),
-                    help=f"pairing of data and base samples (default {FM_DEFAULTS['coupling']})")
+                    help="pairing of data and base samples" + _from_preset("coupling", fm_only))
     fm.add_argument("--sigma-min", type=_fraction, default=None,
-                    help=f"the path's noise scale at t = 0 (default {FM_DEFAULTS['sigma_min']:g})")
+                    help="the path's noise scale at t = 0" + _from_preset("sigma_min", fm_only))
     add("--seed", type=_int_in(0, MAX_SEED), default=0, help="seeds the initial weights and every step's data")
     add("--threads", type=_int_in(1), default=1,
         help="CPU threads for torch; the 2-D problem's matrices are too small to gain from more, and "
@@ -210,21 +252,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject options that do not apply to the objective (they would change nothing); fill
-    in the defaults that depend on the objective."""
+    in the defaults from the preset (the objective's demo preset when --preset is not given)."""
     fm_options = {"path": "--path", "coupling": "--coupling", "sigma_min": "--sigma-min"}
-    if args.activation is None:
-        args.activation = ACTIVATIONS_BY_OBJECTIVE[args.objective]
     if args.objective == "flow_matching":
         for name in ("lambda_kinetic", "lambda_jacobian"):
             if getattr(args, name):
                 parser.error(f"argument --{name.replace('_', '-')}: the RNODE penalty applies to --objective mle only")
-        for name, default in FM_DEFAULTS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, default)
     else:
         for name, flag in fm_options.items():
             if getattr(args, name) is not None:
                 parser.error(f"argument {flag}: applies to --objective flow_matching only")
+    if args.preset is None:
+        args.preset = DEMO_PRESETS[args.objective]
+    defaults = _preset_defaults(PRESETS[args.preset], args.objective)
+    if args.objective == "mle":  # the flow-matching options stay None: unused
+        defaults = {k: v for k, v in defaults.items() if k not in fm_options}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.objective == "mle" and args.method in FIXED_METHODS and args.ode_steps is None:
+        parser.error(f"argument --ode-steps: --method {args.method} takes a grid, and --preset {args.preset} "
+                     "names none")
 
 
 def _device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
@@ -285,7 +333,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     """The settings that decide the training, stored in the checkpoint: a resume must
     share them. Settings a run does not use (an adaptive method's tolerances on a fixed
     grid, the solver under flow matching, the evaluation's) are left out."""
-    keys = ["dataset", "batch_size", "lr", "schedule", "ema", "hidden", "activation", "seed", "objective"]
+    keys = ["dataset", "preset", "batch_size", "lr", "schedule", "ema", "hidden", "activation", "seed", "objective"]
     if args.schedule != "constant":
         keys.append("steps")  # the schedule spans --steps
     if args.objective == "mle":
@@ -317,25 +365,19 @@ def _check_resume(parser: argparse.ArgumentParser, trainer: Trainer, config: dic
 
 
 def _flow(args: argparse.Namespace) -> ContinuousFlow:
-    """The training flow."""
-    # Flow matching needs a field that depends strongly on t from the start: steep initial
-    # time gates (an initialisation only; maximum likelihood keeps ODENet's default).
-    init = {"time_gate_scale": FM_TIME_GATE_SCALE} if args.objective == "flow_matching" else {}
-    # No gains: the demo's lr 1e-2 and 4-step grid suit the field without them. With ODENet's
-    # default gains the softplus field learns the grid's error (train loss 2.3, held-out NLL
-    # 8.4), and flow matching at lr 1e-2 gets a stiff field (NLL 4.03 after 40 CPU s against
-    # 3.71 without the gains): the gains are for Adam 1e-3, Trainer's default.
-    field = ODENet(2, args.hidden, activation=args.activation, **init, **NO_GAINS)
-    fixed = args.method in FIXED_METHODS
-    return ContinuousFlow(
-        field,
-        trace=args.trace,
-        method=args.method,
-        steps=args.ode_steps if fixed else None,
-        rtol=args.rtol,
-        atol=args.atol,
-        regularize=bool(args.lambda_kinetic or args.lambda_jacobian),
-    )
+    """The training flow: the preset's field and solver with the options replacing them
+    (their values, filled in from the preset, equal its own where not given)."""
+    solver = {}
+    if args.objective == "mle":  # flow matching never solves while training
+        solver = {
+            "trace": args.trace,
+            "method": args.method,
+            "steps": args.ode_steps if args.method in FIXED_METHODS else None,
+            "rtol": args.rtol,  # None: the solver's default
+            "atol": args.atol,
+            "regularize": bool(args.lambda_kinetic or args.lambda_jacobian),
+        }
+    return default_flow(2, args.hidden, preset=args.preset, activation=args.activation, **solver)
 
 
 def exact_flow(flow: ContinuousFlow, tol: float) -> ContinuousFlow:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..checks import check_inputs
 from ..flow import ContinuousFlow, SolverError
 from ..nets import ODENet
+from ..presets import PRESETS, Preset, get_preset
 from . import distributed
 from .checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint
 from .objectives import MaximumLikelihood, Objective
@@ -196,6 +197,19 @@ def _warn_of_gains_on_a_fixed_grid(model: nn.Module, objective: Objective) -> No
         )
 
 
+def _preset_of(model: nn.Module) -> Preset:
+    """The preset ``model``'s flow was built from (the first :class:`~pyro_cnf.ContinuousFlow`
+    among its modules that names one), else ``"density"``."""
+    names = (m.preset for m in model.modules() if isinstance(m, ContinuousFlow) and m.preset is not None)
+    name = next(names, "density")
+    if name not in PRESETS:  # built from a Preset of the user's own: the flow keeps only its name
+        raise ValueError(
+            f"Trainer: the model's flow was built from the preset {name!r}, which is not in "
+            "pyro_cnf.presets.PRESETS; pass that Preset as preset=, or give lr= and schedule="
+        )
+    return PRESETS[name]
+
+
 class TrainingError(RuntimeError):
     """Training stopped: the ODE solver failed, or the loss was not finite.
 
@@ -331,13 +345,16 @@ class Trainer:
         batches: ``step -> x`` of shape ``(B, d)`` or ``(x, context)`` with context of
             shape ``(B, c)``, moved to the model's device and dtype; the global batch.
         objective: A :class:`~pyro_cnf.training.objectives.Objective`.
-        lr: Adam's learning rate. The default 1e-3, the rate users bring from nflows and
-            sbi, beats 1e-2 with ODENet's default field, whose gains already speed up the
-            parts that learn slowly (BENCHMARKS.md, "Gains"): after 40 CPU s on
-            the checkerboard, maximum likelihood 3.648 against 3.708 at 1e-2, flow matching
-            3.659 against 4.033.
+        lr: Adam's learning rate; ``None``: the preset's (:attr:`~pyro_cnf.presets.Preset.lr`).
         schedule: ``"constant"``, ``"cosine"`` (down to 0 at the end of the budget), or a
-            function of the fraction done in ``[0, 1)`` to the factor on ``lr``.
+            function of the fraction done in ``[0, 1)`` to the factor on ``lr``; ``None``:
+            the preset's ``training["schedule"]``, ``"constant"`` where it names none.
+        preset: Where ``lr`` and ``schedule`` come from when they are not given: a name in
+            :data:`~pyro_cnf.presets.PRESETS` or a :class:`~pyro_cnf.presets.Preset`.
+            ``None``: the preset the model's flow was built from (``preset`` of the first
+            :class:`~pyro_cnf.ContinuousFlow` among the model's modules that has one, e.g.
+            the flow inside an nflows ``Flow`` around a :class:`~pyro_cnf.CNFTransform`),
+            else ``"density"``.
         ema: The decay of an exponential moving average of the weights, updated after
             every step, in ``[0, 1)``; ``0`` keeps none. :attr:`eval_model` is the average.
         on_solver_error: ``"stop"`` or ``"skip"``.
@@ -358,11 +375,13 @@ class Trainer:
         skip_limit: Failed steps in a row that stop a ``"skip"`` run (10).
 
     Example:
-        >>> from pyro_cnf import ContinuousFlow, ODENet
-        >>> flow = ContinuousFlow(ODENet(2, (8,)))
+        >>> from pyro_cnf import default_flow
+        >>> flow = default_flow(2, (8,), preset="density_high_lr")
         >>> def batches(step):  # the data of a step depend on the step alone
         ...     return torch.randn(32, 2, generator=torch.Generator().manual_seed(step_seed(0, step))) + 1.0
-        >>> trainer = Trainer(flow, batches, lr=1e-2, schedule="cosine", disable=True)
+        >>> trainer = Trainer(flow, batches, schedule="cosine", disable=True)
+        >>> trainer.lr  # the flow's preset's
+        0.01
         >>> history = trainer.fit(20)
         >>> trainer.step, history[-1]["loss"] < history[0]["loss"], sorted(history[0])
         (20, True, ['loss', 'nfe', 'nll'])
@@ -376,8 +395,9 @@ class Trainer:
         batches: Callable[[int], Batch],
         objective: Objective = MaximumLikelihood(),
         *,
-        lr: float = 1e-3,
-        schedule: str | Callable[[float], float] = "constant",
+        lr: float | None = None,
+        schedule: str | Callable[[float], float] | None = None,
+        preset: str | Preset | None = None,
         ema: float = 0.0,
         on_solver_error: str = "stop",
         checkpoint: Checkpointing | None = None,
@@ -392,6 +412,12 @@ class Trainer:
             raise TypeError(f"objective must be an Objective (e.g. MaximumLikelihood()), got {objective!r}")
         names = objective.metrics(model)
         _warn_of_gains_on_a_fixed_grid(model, objective)
+        if preset is not None:
+            preset = get_preset(preset, "Trainer")  # validated even when lr and schedule are given
+        if lr is None or schedule is None:
+            recipe = preset or _preset_of(model)
+            lr = recipe.lr if lr is None else lr
+            schedule = recipe.schedule if schedule is None else schedule
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         if not callable(schedule) and schedule not in SCHEDULES:
