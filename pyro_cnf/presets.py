@@ -11,16 +11,17 @@ call starts, never what it ends with.
 
 Which preset each builder starts from:
 
-================================  =================  =======================================
-builder                           preset             why
-================================  =================  =======================================
-``CNFTransform``, ``default_flow``  ``"density"``    nflows flows fit data by likelihood
-``ConditionalCNF``                ``"density"``      a conditional density, fit by likelihood
-``CNF``, ``cnf``                  ``"guide"``        Pyro's autoguides and NeuTra fit by SVI
-``build_cnf_estimator`` (sbi)     ``"sbi"``          sbi's NPE loop, its Adam 5e-4
-``flow_matching_estimator``       ``"flow_matching"``  simulation-free training
-``Trainer``                       the model's field  its learning rate and schedule
-================================  =================  =======================================
+====================================  =====================  ========================================
+builder                               preset                 why
+====================================  =====================  ========================================
+``CNFTransform``, ``default_flow``    ``"density"``          nflows flows fit data by likelihood
+``ConditionalCNF``                    ``"density"``          a conditional density, fit by likelihood
+``CNF``, ``cnf``                      ``"guide"``            Pyro's autoguides and NeuTra fit by SVI
+``build_cnf_estimator`` (sbi)         ``"sbi"``              sbi's NPE loop, its Adam 5e-4
+``flow_matching_estimator``           ``"flow_matching"``    simulation-free training
+``Trainer``                           the model's flow's     its learning rate and schedule
+the demo                              ``"demo"``             2-D maximum likelihood on a 4-step grid
+====================================  =====================  ========================================
 
 Learning rates and the gains. :class:`~pyro_cnf.ODENet`'s gains (``input_gain``,
 ``time_gain``, ``hidden_gain``) are fixed factors in front of its parameters. Adam's step

@@ -371,8 +371,9 @@ class TestTrainingTolerance:
         z, ladj = flow(x)
         assert z.requires_grad
         exact = x.detach() @ torch.linalg.matrix_exp(A * T).t()
-        assert (z.detach() - exact).abs().max() < 1e3 * tol
-        assert (ladj.detach() - T * torch.trace(A)).abs().max() < 1e3 * tol
+        # measured: 0.2 tol; the training default (1e-3) would miss by two orders and more
+        assert (z.detach() - exact).abs().max() < 10 * tol
+        assert (ladj.detach() - T * torch.trace(A)).abs().max() < 10 * tol
 
     def test_assigning_a_tolerance_gives_it(self):
         flow = ContinuousFlow(LinearField(random_matrix(3)))
