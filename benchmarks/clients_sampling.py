@@ -1,4 +1,4 @@
-"""Sampling through the adapters (issue 13, item 2): what ``Flow.sample`` (nflows) and
+"""Sampling through the adapters: what ``Flow.sample`` (nflows) and
 ``TransformedDistribution.sample`` (Pyro) cost against the trace-free solve they need.
 
     python benchmarks/clients_sampling.py [--samples 10000] [--budget 20] [--repeats 5]

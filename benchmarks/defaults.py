@@ -1,4 +1,4 @@
-"""Defaults study (issue 12): which ODENet field settings and learning rates learn fastest
+"""Defaults study: which ODENet field settings and learning rates learn fastest
 for a user who never changes a setting, across every use the package serves.
 
 A *config* names a field setting
@@ -710,7 +710,7 @@ def pivot(records: list[dict], use: str, task: str, variant: str, key: str, extr
 
 
 def report(records: list[dict]) -> str:
-    out = ["# Defaults study (issue 12)", "",
+    out = ["# Defaults study", "",
            "Runs are `activation:init:time_gate_scale:hidden` configs of `pyro_cnf.ODENet` under the library's "
            "default solver (dopri5, rtol = atol = 1e-5, trace auto = closed-form exact), or peers. NLLs are held-out, "
            "by dopri5 at 1e-6 with the exact trace (lower is better); ELBO higher is better. `nfe_end`: forward NFE of "

@@ -1,6 +1,6 @@
 """Cost of the exact trace of an ``ODENet`` field, every method, and what ``trace="auto"`` picks.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/trace_cost.py            # the issue's grid
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/trace_cost.py            # the target grid
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/trace_cost.py --depths 3 --dims 8 --repeats 5
 
 One evaluation of ``(f, tr df/dx)`` at batch 2000, one torch thread, float32, hidden width

@@ -15,7 +15,7 @@ CNF_PEERS = ("zuko", "torchdyn")
 #: The runs trained by maximum likelihood through the ODE solve.
 MLE_CNFS = ("pyro_cnf_dopri5", "pyro_cnf_dopri5x3", "pyro_cnf_dopri5_rnode", "pyro_cnf_dopri5x2",
             "pyro_cnf_dopri5x2_rnode", "pyro_cnf_rk4", "pyro_cnf_rk4_rnode", "pyro_cnf_hutch", "zuko", "torchdyn")
-#: Issue 4's RNODE target: a regularised run's solver NFE at the end of training at most this
+#: The RNODE target: a regularised run's solver NFE at the end of training at most this
 #: fraction of the unregularised default's, at a held-out NLL at most RNODE_NLL worse; and the
 #: run's log-density on its own solver within RNODE_NLL of the exact evaluator, else its NFE
 #: buys a different model than the one scored.
@@ -25,7 +25,7 @@ TEST_SEED = 10**6
 #: (evaluated on the first N_CURVE test points; not counted in the budget).
 CURVE_FRACTIONS = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75)
 N_CURVE = 2000
-#: Issue 5: flow matching reaches the best MLE CNF peer's budget-end NLL within this
+#: The flow-matching speed target: flow matching reaches the best MLE CNF peer's budget-end NLL within this
 #: fraction of that peer's CPU time.
 REACH_TARGET = 0.2
 
@@ -65,7 +65,7 @@ def run_w2(names, runs, budget: float, n_test: int = 20_000, seed: int = 0, log=
 
 
 def fm_targets(name: str, by: dict, unit: str = "") -> list[list[str]]:
-    """Issue 5's targets for the ``pyro_cnf_fm`` run in ``by`` (run name -> result dict):
+    """The flow-matching targets for the ``pyro_cnf_fm`` run in ``by`` (run name -> result dict):
     rows ``[target, MET / NOT MET / -, measured]``."""
     fm = by.get("pyro_cnf_fm")
     if not fm or math.isnan(fm["nll"]):
@@ -76,13 +76,13 @@ def fm_targets(name: str, by: dict, unit: str = "") -> list[list[str]]:
     maf = by.get("maf")
     if maf and not math.isnan(maf[key]):
         gap = maf[key] - fm[key]
-        rows.append([f"issue 5, {name}: flow matching NLL below the 5-layer MAF's", met(gap > 0),
+        rows.append([f"flow matching, {name}: flow matching NLL below the 5-layer MAF's", met(gap > 0),
                      f"{fm[key]:.3f} vs {maf[key]:.3f}{unit} (margin {gap:+.3f})"])
     mle = {k: v for k, v in by.items() if k.partition("@")[0] in MLE_CNFS and not math.isnan(v[key])}
     if mle:
         best = min(mle.values(), key=lambda r: r[key])
         gap = best[key] - fm[key]
-        rows.append([f"issue 5, {name}: flow matching NLL below every MLE-trained CNF's ({', '.join(mle)})",
+        rows.append([f"flow matching, {name}: flow matching NLL below every MLE-trained CNF's ({', '.join(mle)})",
                      met(gap > 0), f"{fm[key]:.3f} vs best {best['run']} {best[key]:.3f}{unit} (margin {gap:+.3f})"])
     if fm.get("nll_curve"):
         shift = fm[key] - fm["nll"]  # 0, or W4's change of variables to y
@@ -100,13 +100,13 @@ def fm_targets(name: str, by: dict, unit: str = "") -> list[list[str]]:
                 when = f"{reach:.1f} CPU s (step {step}) = {ratio:.3f}x of its {best['cpu_s']:.1f} s"
             else:
                 when = f"not reached in {fm['cpu_s']:.1f} s"
-            rows.append([f"issue 5, {name}: flow matching reaches the best {label}'s budget-end NLL in <= "
+            rows.append([f"flow matching, {name}: flow matching reaches the best {label}'s budget-end NLL in <= "
                          f"{REACH_TARGET:g}x its CPU time" + ("" if scored else " (for reference)"),
                          met(ratio <= REACH_TARGET) if scored else "-",
                          f"{best['run']} {target:.3f}{unit} on the first {fm['n_curve']} test points: {when}"])
     costs = fm.get("costs")
     if costs:
-        rows.append([f"issue 5, {name}: flow matching sampling NFE (dopri5 1e-5) and NLL on a fixed rk4 grid", "-",
+        rows.append([f"flow matching, {name}: flow matching sampling NFE (dopri5 1e-5) and NLL on a fixed rk4 grid", "-",
                      f"sampling NFE {costs['sample_nfe']}; NLL rk4 "
                      + ", ".join(f"x{k} {v:.3f}" for k, v in costs["rk4"].items()) + f" vs dopri5 1e-6 {fm['nll']:.3f}"])
     return rows
@@ -201,5 +201,5 @@ def w2_tables(out: dict, budget: float) -> str:
     parts.append("\n".join(f"- {line}" for line in w2_verdicts(out)))
     fm = w2_fm_targets(out)
     if fm:
-        parts.append("Issue 5 (flow matching):\n\n" + table(["target", "status", "measured"], fm))
+        parts.append("Flow matching targets:\n\n" + table(["target", "status", "measured"], fm))
     return "\n\n".join(parts)

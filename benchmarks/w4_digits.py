@@ -69,7 +69,7 @@ def w4_tables(out: dict, budget: float) -> str:
     lines = []
     if "pyro_cnf_dopri5" in by and "pyro_cnf_hutch" in by:
         a, b = by["pyro_cnf_dopri5"], by["pyro_cnf_hutch"]
-        lines.append(f"issue 7: exact closed-form trace NLL {a['nll_y']:.1f} ({a['steps']} steps) vs Hutchinson "
+        lines.append(f"exact vs Hutchinson trace: exact closed-form trace NLL {a['nll_y']:.1f} ({a['steps']} steps) vs Hutchinson "
                      f"{b['nll_y']:.1f} ({b['steps']} steps) in the same budget: "
                      f"{'exact better' if a['nll_y'] < b['nll_y'] else 'Hutchinson better'} by "
                      f"{abs(a['nll_y'] - b['nll_y']):.1f} nats")
@@ -96,4 +96,4 @@ def w4_tables(out: dict, budget: float) -> str:
                      "train NFE end", "note"], rows)
             + "\n\nRuns: " + "; ".join(f"`{k}`: {RUNS[k]}" for k in DEFAULT_RUNS)
             + curve + "\n\n" + "\n".join(f"- {line}" for line in lines)
-            + ("\n\nIssue 5 (flow matching):\n\n" + table(["target", "status", "measured"], fm_rows) if fm_rows else ""))
+            + ("\n\nFlow matching targets:\n\n" + table(["target", "status", "measured"], fm_rows) if fm_rows else ""))

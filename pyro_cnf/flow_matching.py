@@ -189,8 +189,9 @@ def flow_matching_loss(
 
     Example:
         >>> from pyro_cnf import ContinuousFlow, ODENet
+        >>> from pyro_cnf.presets import PRESETS
         >>> field = ODENet(2, (16, 16))
-        >>> optimizer = torch.optim.Adam(field.parameters(), lr=1e-3)
+        >>> optimizer = torch.optim.Adam(field.parameters(), lr=PRESETS["density"].lr)
         >>> for _ in range(3):
         ...     optimizer.zero_grad()
         ...     loss = flow_matching_loss(field, torch.randn(64, 2) + 3.0)

@@ -123,8 +123,8 @@ def _fuse_first_two(w_in: Tensor, w2: Tensor) -> Tensor:
 
 #: The settings a checkpoint written before they existed was made with.
 _BEFORE_OPTIONS: dict[str, float] = {"input_gain": 1.0, "time_gain": 1.0, "hidden_gain": 1.0, "scale_rate": 0.0}
-#: ODENet's defaults: the density preset's field.
-_DEFAULT = PRESETS["density"].field
+#: ODENet's defaults: the conditional preset's field, the gained tanh MLP without a scale rate.
+_DEFAULT = PRESETS["conditional"].field
 
 
 def check_widths(hidden_dims: Sequence[int], owner: str = "ODENet") -> tuple[int, ...]:
@@ -171,7 +171,9 @@ class ODENet(nn.Module):
     product :math:`\mathrm{tr}(D_1 W'_{1,x} W'_{L+1} D_L W'_L \cdots D_2 W'_2)`
     (:math:`O(h^3)` per sample and layer, one layer fewer, independent of ``d``).
 
-    The defaults are the ``"density"`` preset's field (:data:`pyro_cnf.presets.PRESETS`).
+    The defaults are the ``"conditional"`` preset's field (:data:`pyro_cnf.presets.PRESETS`):
+    the gained ``tanh`` MLP without a scale rate, a field for any use; the ``"density"`` preset
+    adds ``activation="silu", scale_rate=4`` (build it with :func:`pyro_cnf.default_flow`).
 
     Arguments:
         input_dim: The dimension ``d`` of ``x``.

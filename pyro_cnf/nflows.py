@@ -31,7 +31,8 @@ class CNFTransform(Transform):
     ``inverse(inputs, context)`` noise -> data; both return ``(outputs, logabsdet)`` with
     ``logabsdet = log|det d outputs / d inputs|`` of shape ``[batch]``, from one solve.
 
-    Built from the ``"density"`` preset unless ``preset=`` says otherwise.
+    Built from the ``"density"`` preset, or ``"conditional"`` with a ``context_dim``, unless
+    ``preset=`` says otherwise.
 
     Arguments:
         input_dim: The feature dimension ``d`` (nflows' name, ``features``, works too).
@@ -42,7 +43,7 @@ class CNFTransform(Transform):
             the flow's when ``flow`` is given and this is ``None``.
         preset: A name in :data:`~pyro_cnf.presets.PRESETS` (or a
             :class:`~pyro_cnf.presets.Preset`) where the settings start; ``None``:
-            ``"density"``.
+            ``"density"``, or ``"conditional"`` with a ``context_dim``.
         flow: A :class:`~pyro_cnf.ContinuousFlow` to wrap instead of building one.
         **settings: Each replaces the preset's value: the field options of
             :class:`~pyro_cnf.ODENet` and the settings of :class:`~pyro_cnf.ContinuousFlow`
@@ -76,10 +77,11 @@ class CNFTransform(Transform):
         input_dim = _one_of("input_dim", input_dim, "features", features, required=True)
         context_dim = _one_of("context_dim", context_dim, "context_features", context_features)
         hidden_dims = _one_of("hidden_dims", hidden_dims, "hidden_features", hidden_features)
+        default = "conditional" if context_dim else "density"
         if isinstance(hidden_dims, int) and hidden_features is not None:  # nflows' width of every layer
-            hidden_dims = (hidden_dims,) * len(get_preset(preset or "density", "CNFTransform").field["hidden_dims"])
+            hidden_dims = (hidden_dims,) * len(get_preset(preset or default, "CNFTransform").field["hidden_dims"])
         self.input_dim = input_dim
-        self.flow = resolve_flow("CNFTransform", flow, input_dim, context_dim, preset, "density", hidden_dims, settings)
+        self.flow = resolve_flow("CNFTransform", flow, input_dim, context_dim, preset, default, hidden_dims, settings)
 
     def _solve(
         self, inputs: Tensor, context: Tensor | None, reverse: bool, logdet: bool = True

@@ -11,27 +11,27 @@ call starts, never what it ends with.
 
 Which preset each builder starts from:
 
-====================================  =====================  ========================================
-builder                               preset                 why
-====================================  =====================  ========================================
-``CNFTransform``, ``default_flow``    ``"density"``          nflows flows fit data by likelihood
-``ConditionalCNF``                    ``"density"``          a conditional density, fit by likelihood
-``CNF``, ``cnf``                      ``"guide"``            Pyro's autoguides and NeuTra fit by SVI
-``build_cnf_estimator`` (sbi)         ``"sbi"``              sbi's NPE loop, its Adam 5e-4
-``flow_matching_estimator``           ``"flow_matching"``    simulation-free training
-``Trainer``                           the model's flow's     its learning rate and schedule
-the demo                              ``"demo"``             2-D maximum likelihood on a 4-step grid
-====================================  =====================  ========================================
+=================================================  =====================  ========================================
+builder                                            preset                 why
+=================================================  =====================  ========================================
+``CNFTransform``, ``default_flow``                 ``"density"``          nflows flows fit data by likelihood
+``ConditionalCNF``, ``CNFTransform(context_dim)``  ``"conditional"``      a conditional density, fit by likelihood
+``CNF``, ``cnf``                                   ``"guide"``            Pyro's autoguides and NeuTra fit by SVI
+``build_cnf_estimator`` (sbi)                      ``"sbi"``              sbi's NPE loop, its Adam 5e-4
+``flow_matching_estimator``                        ``"flow_matching"``    simulation-free training
+``Trainer``                                        the model's flow's     its learning rate and schedule
+the demo                                           ``"demo"``             2-D maximum likelihood on a 4-step grid
+=================================================  =====================  ========================================
 
 Learning rates and the gains. :class:`~pyro_cnf.ODENet`'s gains (``input_gain``,
 ``time_gain``, ``hidden_gain``) are fixed factors in front of its parameters. Adam's step
 does not depend on a parameter's scale, so a parameter behind a gain ``c`` moves ``c`` times
 faster in the field than its neighbours: the gains speed up the parts of the field that
 learn slowly at the rates users bring (the first layer, with its fan-in of only ``d``, and
-the time dependence). The same factors make a field too fast at Adam 1e-2, where they buy
-nothing at equal steps and lose at equal CPU time. So each preset names the rates it was
-tuned at (:attr:`Preset.lr_range`); for Adam at 3e-3 to 2e-2 use ``"density_high_lr"``,
-the same field without the gains. :func:`for_lr` picks between the two.
+the time dependence). The same factors can make a field too fast at Adam 1e-2 (on a 2-D
+checkerboard they then lose 0.2-0.3 nats). So each preset names the rates it was tuned at (:attr:`Preset.lr_range`); for Adam
+at 3e-3 to 2e-2 use ``"density_high_lr"``, the field with the guides' milder gains.
+:func:`for_lr` picks between the two.
 
 Example:
     >>> PRESETS["density"].lr
@@ -87,32 +87,39 @@ class Preset:
 
 
 _GAINS_OFF = {"input_gain": 1.0, "time_gain": 1.0, "hidden_gain": 1.0}
-_DENSITY_FIELD = {"hidden_dims": (64, 64), "activation": "tanh", "input_gain": 16.0, "time_gain": 10.0,
-                  "hidden_gain": 4.0, "scale_rate": 0.0, "time_gate_scale": 0.1}
+_DENSITY_FIELD = {"hidden_dims": (64, 64), "activation": "silu", "input_gain": 16.0, "time_gain": 10.0,
+                  "hidden_gain": 4.0, "scale_rate": 4.0, "time_gate_scale": 0.1}
+_GUIDE_FIELD = {"hidden_dims": (64, 64), "activation": "silu", "input_gain": 4.0, "time_gain": 1.0,
+                "hidden_gain": 1.0, "scale_rate": 4.0, "time_gate_scale": 0.1}
+_CONDITIONAL_FIELD = {**_DENSITY_FIELD, "activation": "tanh", "scale_rate": 0.0}
 
 #: Every tuned configuration, by name.
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
     Preset(
         "density", _DENSITY_FIELD, lr=1e-3, lr_range=(5e-4, 1e-3),
-        reason="maximum likelihood and flow matching at Adam 5e-4 to 1e-3 (nflows, sbi): tanh learns fastest, "
-               "and the gains speed up the first layer and the time dependence (BENCHMARKS.md, 'Defaults')",
+        reason="maximum likelihood at Adam 5e-4 to 1e-3 (nflows): the gains speed up the first layer and the "
+               "time dependence, the scale rate gives coordinate-dependent scales, which win in 64-d at equal "
+               "CPU time and cost little in 2-D (BENCHMARKS.md, 'Presets')",
     ),
     Preset(
-        "density_high_lr", {**_DENSITY_FIELD, **_GAINS_OFF}, lr=1e-2, lr_range=(3e-3, 2e-2),
-        reason="the density field without the gains, which make it too fast at Adam 1e-2 "
-               "(equal CPU time: the gains lose there; BENCHMARKS.md, 'Gains')",
+        "density_high_lr", _GUIDE_FIELD, lr=1e-2, lr_range=(3e-3, 2e-2),
+        reason="the density field for Adam 1e-2: time and hidden gains of 1 and a first layer 4x faster, "
+               "as the guides (at 1e-2 the full gains lose on the 2-D toys; BENCHMARKS.md, 'Presets')",
     ),
     Preset(
-        "guide",
-        {"hidden_dims": (64, 64), "activation": "silu", "input_gain": 4.0, "time_gain": 1.0, "hidden_gain": 1.0,
-         "scale_rate": 4.0, "time_gate_scale": 0.1},
+        "conditional", _CONDITIONAL_FIELD, lr=1e-3, lr_range=(5e-4, 1e-3),
+        reason="conditional densities p(x | c) by maximum likelihood: tanh with the gains and no scale rate, "
+               "which costs 0.5-0.8 nats on a conditional posterior (BENCHMARKS.md, 'Presets')",
+    ),
+    Preset(
+        "guide", _GUIDE_FIELD,
         lr=5e-3, lr_range=(1e-3, 1e-2), optimizer="Adam or ClippedAdam (Pyro SVI)",
         reason="SVI guides: silu reaches heavy tails, the scale rate gives a funnel's coordinate-dependent "
                "scales, time and hidden gains of 1 suit SVI's noisy gradients at 1e-2 (BENCHMARKS.md, 'Scale rate')",
     ),
     Preset(
-        "sbi", _DENSITY_FIELD, lr=5e-4, lr_range=(5e-4, 1e-3),
-        reason="sbi's NPE trains by maximum likelihood at its Adam 5e-4: the density field",
+        "sbi", _CONDITIONAL_FIELD, lr=5e-4, lr_range=(5e-4, 1e-3),
+        reason="sbi's NPE trains a conditional density by maximum likelihood at its Adam 5e-4: the conditional field",
     ),
     Preset(
         "flow_matching",

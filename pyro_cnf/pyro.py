@@ -174,8 +174,8 @@ class CNF(ConditionedCNF, TransformModule):
 class ConditionalCNF(ConditionalTransformModule):
     __doc__ = """Conditional continuous flow; ``condition(context)`` returns a caching transform.
 
-    Built from the ``"density"`` preset unless told otherwise (a conditional density fit
-    by likelihood, as nflows' :class:`~pyro_cnf.CNFTransform` is).
+    Built from the ``"conditional"`` preset unless told otherwise (a conditional density
+    fit by likelihood, as a conditional :class:`~pyro_cnf.CNFTransform` is).
 
     Arguments:
         input_dim: The event dimension ``d``.
@@ -208,8 +208,8 @@ class ConditionalCNF(ConditionalTransformModule):
         super().__init__()
         if flow is None and context_dim is None:
             raise TypeError("ConditionalCNF: context_dim is required (or pass flow= with a conditional field)")
-        self.flow = resolve_flow("ConditionalCNF", flow, input_dim, context_dim, preset, "density", hidden_dims,
-                                 settings)
+        self.flow = resolve_flow("ConditionalCNF", flow, input_dim, context_dim, preset, "conditional",
+                                 hidden_dims, settings)
         self.input_dim = input_dim
         self.context_dim = self.flow.context_dim if context_dim is None else context_dim
 
@@ -242,6 +242,6 @@ def conditional_cnf(
     preset: str | Preset | None = None,
     **settings: Any,
 ) -> ConditionalCNF:
-    """A :class:`ConditionalCNF` in Pyro's factory manner (the ``"density"`` preset unless
+    """A :class:`ConditionalCNF` in Pyro's factory manner (the ``"conditional"`` preset unless
     ``preset=`` says otherwise)."""
     return ConditionalCNF(input_dim, context_dim, hidden_dims, preset=preset, **settings)

@@ -26,7 +26,7 @@ Example (needs sbi)::
     from pyro_cnf.sbi import build_cnf_estimator, flow_matching_estimator
 
     # (a) sbi trains the CNF by maximum likelihood
-    npe = NPE(prior, density_estimator=partial(build_cnf_estimator, hidden_dims=(64, 64)))
+    npe = NPE(prior, density_estimator=partial(build_cnf_estimator, rtol=1e-4, atol=1e-4))
     posterior = npe.append_simulations(theta, x).train() and npe.build_posterior()
 
     # (b) flow matching, then sbi samples and scores

@@ -37,7 +37,7 @@ def test_write_atomic_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatc
 
 
 def test_write_atomic_replaces_a_planted_symlink_instead_of_writing_through_it(tmp_path):
-    # Issue 14: a symlink at out/metrics.json made the demo overwrite its target
+    # Regression: a symlink at out/metrics.json made the demo overwrite its target
     target = tmp_path / "precious.txt"
     target.write_text("keep me")
     link = tmp_path / "metrics.json"
@@ -55,7 +55,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def damaged_files(good: bytes):
-    """What a resume may meet instead of a checkpoint (issue 14: each used to raise OSError,
+    """What a resume may meet instead of a checkpoint (each used to raise OSError,
     EOFError, UnpicklingError or KeyError)."""
     header, _, payload = good.partition(b"\n")
     flipped = bytearray(good)

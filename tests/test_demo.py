@@ -57,7 +57,7 @@ def error_line(capsys):
         (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
         (["--method", "leapfrog"], "argument --method: invalid choice"),
         (["--device", "tpu:0"], "argument --device"),
-        # issue 14: validated at parsing, not a traceback (or an overflow) later
+        # validated at parsing, not a traceback (or an overflow) later
         (["--seed", "1e23"], "argument --seed: expected an integer, got '1e23'"),
         (["--seed", str(10**23)], "argument --seed: expected an integer in [0, 9223372036854775807], got 1000"),
         (["--seed", "-1"], "argument --seed: expected an integer in [0, 9223372036854775807], got -1"),
@@ -103,7 +103,7 @@ def test_resume_without_checkpoint_or_with_other_settings_exits_2(tmp_path, caps
 
 
 def test_settings_a_run_does_not_use_do_not_block_its_resume(tmp_path, capsys):
-    # issue 14: an adaptive method's --rtol on an rk4 run, the solver under flow matching
+    # an adaptive method's --rtol on an rk4 run, the solver under flow matching
     assert run_demo(tmp_path / "rk4", "--steps", "2") == 0
     assert run_demo(tmp_path / "rk4", "--steps", "3", "--resume", "--rtol", "0.1", "--eval-tol", "1e-4") == 0
     fm = ["--objective", "flow_matching"]
@@ -119,7 +119,7 @@ def test_settings_a_run_does_not_use_do_not_block_its_resume(tmp_path, capsys):
 
 
 def test_an_existing_checkpoint_needs_resume_or_overwrite(tmp_path, capsys):
-    # issue 14: a second run on the same --out used to replace the checkpoint silently
+    # Regression: a second run on the same --out used to replace the checkpoint silently
     assert run_demo(tmp_path, "--steps", "4") == 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
@@ -167,7 +167,7 @@ def test_two_demos_on_one_out_do_not_interleave(tmp_path):
 
 
 def test_every_output_is_written_atomically_and_never_through_a_symlink(tmp_path):
-    # issue 14: a symlink planted at out/metrics.json made the demo overwrite its target
+    # Regression: a symlink planted at out/metrics.json made the demo overwrite its target
     targets = {name: tmp_path / f"precious-{name}" for name in ("metrics.json", "demo.png", "checkpoint.pt")}
     out = tmp_path / "out"
     out.mkdir()
@@ -181,7 +181,7 @@ def test_every_output_is_written_atomically_and_never_through_a_symlink(tmp_path
 
 
 def test_unusable_checkpoint_is_refused_with_one_line(tmp_path, capsys):
-    # issue 14: OSError, EOFError, UnpicklingError or KeyError before
+    # Regression: OSError, EOFError, UnpicklingError or KeyError before
     assert run_demo(tmp_path, "--steps", "2") == 0
     path = tmp_path / "checkpoint.pt"
     good = path.read_bytes()
@@ -252,7 +252,7 @@ def test_flow_matching_objective_and_non_closed_form_dataset(tmp_path, capsys):
 
 
 def test_the_flow_matching_recipe_runs_through_the_demo(tmp_path, monkeypatch):
-    # issue 15: the README's recipe (silu, cosine path, cosine schedule, weight average)
+    # the README's recipe (silu, cosine path, cosine schedule, weight average)
     fits, fit = [], Trainer.fit
     monkeypatch.setattr(Trainer, "fit", lambda self, steps: fits.append(self) or fit(self, steps))
     recipe = ["--objective", "flow_matching", "--hidden", "8,8,8,8", "--activation", "silu", "--path", "cosine",
@@ -330,7 +330,7 @@ def test_the_preset_gives_the_defaults_and_the_options_given_win(capsys):
 def test_a_run_stores_its_preset_and_resumes_only_under_it(tmp_path, capsys):
     assert run_demo(tmp_path, "--preset", "density_high_lr", "--steps", "2") == 0
     config = checkpoint_of(tmp_path)["config"]
-    assert (config["preset"], config["lr"], config["activation"]) == ("density_high_lr", 1e-2, "tanh")
+    assert (config["preset"], config["lr"], config["activation"]) == ("density_high_lr", 1e-2, PRESETS["density_high_lr"].field["activation"])
     assert (config["method"], config["rtol"], config["atol"]) == ("dopri5", None, None)
     capsys.readouterr()
     with pytest.raises(SystemExit):
@@ -376,7 +376,7 @@ def test_training_failures_end_with_a_message_not_a_traceback(tmp_path, capsys, 
 
 
 def test_a_failed_evaluation_is_recorded_in_metrics_and_exits_3(tmp_path, capsys, monkeypatch):
-    # issue 14: with --on-solver-error skip the NLL printed as nan, then plotting raised a
+    # Regression: with --on-solver-error skip the NLL printed as nan, then plotting raised a
     # SolverError traceback, exit 1, no metrics.json. The evaluator's solver gives up here:
     # (a first step of 1e-3: a field this young would otherwise be solved in one step)
     options = {"max_num_steps": 1, "first_step": 1e-3}

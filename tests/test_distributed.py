@@ -94,7 +94,7 @@ def rank_main(rank, port, out):
             checkpoint = out / "mle.pt" if name == "mle" else None
             results[name] = run(make_trainer(name, checkpoint))
         results["odd_batch"] = demo_error([*FAST, "--batch-size", "33", "--out", str(out / "odd")])
-        # issue 14: ranks started with different settings used to train silently, or fail late
+        # Regression: ranks started with different settings used to train silently, or fail late
         results["other_seed"] = demo_error([*FAST, "--seed", str(rank), "--out", str(out / "seeds")])
         results["other_steps"] = demo_error([*FAST, "--steps", str(3 + rank), "--out", str(out / "steps")])
         torch.save(results, out / f"rank{rank}.pt")

@@ -49,8 +49,10 @@ def test_every_preset_builds_the_same_field_through_every_adapter(name):
 
 def test_each_builder_starts_from_its_documented_preset():
     assert CNF(2).flow.preset == cnf(2).flow.preset == "guide"
-    assert ConditionalCNF(2, 1).flow.preset == CNFTransform(2).flow.preset == default_flow(2).preset == "density"
-    assert field_settings(default_flow(2)) == field_settings(ContinuousFlow(ODENet(2)))  # ODENet's defaults
+    assert CNFTransform(2).flow.preset == default_flow(2).preset == "density"
+    assert ConditionalCNF(2, 1).flow.preset == CNFTransform(2, context_dim=1).flow.preset == "conditional"
+    # ODENet's defaults: the conditional field
+    assert field_settings(default_flow(2, preset="conditional")) == field_settings(ContinuousFlow(ODENet(2)))
 
 
 def test_explicit_settings_replace_the_presets():
@@ -80,7 +82,7 @@ def test_repr_shows_the_preset_the_field_and_the_tolerances():
     for part in ("preset='guide'", "activation='silu'", "scale_rate=4.0", "rtol=1e-05", "train_rtol=0.001"):
         assert part in text
     text = repr(CNFTransform(2, rtol=1e-8, atol=1e-8))
-    assert "preset='density'" in text and "train_rtol=1e-08" in text and "activation='tanh'" in text
+    assert "preset='density'" in text and "train_rtol=1e-08" in text and "scale_rate=4.0" in text
     assert "steps=4" in repr(default_flow(2, preset="demo"))
 
 
@@ -109,7 +111,7 @@ class TestMisuse:
             CNFTransform(2, hidden_dims=(8, 0))
 
     def test_an_unknown_preset_lists_the_presets(self):
-        with pytest.raises(ValueError, match=r"CNF: unknown preset 'fast'; expected one of \['demo'"):
+        with pytest.raises(ValueError, match=r"CNF: unknown preset 'fast'; expected one of \['conditional', 'demo'"):
             CNF(2, preset="fast")
         with pytest.raises(ValueError, match="CNFTransform: pass either flow= or settings"):
             CNFTransform(2, flow=default_flow(2), preset="density")

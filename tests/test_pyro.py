@@ -272,9 +272,9 @@ def test_log_det_of_a_cached_pair_survives_another_solve():
 
 
 class TestFieldDefaults:
-    """Guides (``CNF``, ``cnf``) start from the "guide" preset, density fitting
-    (``ConditionalCNF``, the nflows adapter) from "density"; ODENet's defaults are the
-    density preset's field."""
+    """Guides (``CNF``, ``cnf``) start from the "guide" preset, density fitting (the nflows
+    adapter) from "density", conditional densities from "conditional"; ODENet's defaults
+    are the conditional preset's field."""
 
     @staticmethod
     def settings(field):
@@ -290,9 +290,11 @@ class TestFieldDefaults:
         # other widths keep the rest of the guide field
         assert self.settings(cnf(3, [8]).flow.vector_field) == {**self.preset("guide"), "hidden_dims": (8,)}
 
-    def test_density_fitting_defaults_to_the_density_preset(self):
-        for field in (ODENet(2), pyro_cnf.CNFTransform(2).flow.vector_field, ConditionalCNF(2, 1).flow.vector_field):
-            assert self.settings(field) == self.preset("density")
+    def test_density_fitting_defaults_to_the_density_presets(self):
+        assert self.settings(pyro_cnf.CNFTransform(2).flow.vector_field) == self.preset("density")
+        conditional = (pyro_cnf.CNFTransform(2, context_dim=1), ConditionalCNF(2, 1))
+        for field in (ODENet(2), *(c.flow.vector_field for c in conditional)):
+            assert self.settings(field) == self.preset("conditional")
         assert self.settings(CNF(2, preset="density").flow.vector_field) == self.preset("density")
 
     def test_explicit_settings_win(self):

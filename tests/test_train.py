@@ -104,7 +104,7 @@ def test_trainer_takes_lr_and_schedule_from_the_given_preset_the_flows_or_densit
 
 
 def test_import_pyro_cnf_leaves_training_and_the_toy_layer_alone():
-    # issue 15: the layers above the core load only when asked for
+    # the layers above the core load only when asked for
     code = "import sys, pyro_cnf; print(sorted(m for m in sys.modules if m.startswith(('pyro_cnf', 'matplotlib'))))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pyro_cnf.training" not in loaded and "pyro_cnf.toy" not in loaded and "matplotlib" not in loaded
@@ -144,7 +144,7 @@ def test_nll_passes_context_row_by_row():
 
 
 def test_nll_is_exact_and_repeatable_in_training_mode():
-    # Issue 14: a field without a closed-form trace at d > AUTO_EXACT_MAX_DIM trains with
+    # A field without a closed-form trace at d > AUTO_EXACT_MAX_DIM trains with
     # Hutchinson; nll() of the flow left in train mode must still be the exact, fixed number.
     torch.manual_seed(0)
     flow = ContinuousFlow(NoDivergence(ODENet(8, (16,), zero_init=False)), rtol=1e-6, atol=1e-6)
@@ -461,7 +461,7 @@ def test_solver_error_skip_drops_the_batch_and_counts_it(tmp_path):
 
 
 def test_skip_stops_after_skip_limit_failures_in_a_row():
-    # Issue 14: "skip" on a diverging run must not go on forever. Isolated failures are
+    # "skip" on a diverging run must not go on forever. Isolated failures are
     # skipped; skip_limit of them in a row stop training.
     flow = ContinuousFlow(QuadraticField(), rtol=1e-5, atol=1e-5)
     trainer = Trainer(flow, blowing_up_at(1, 3, 4, *range(6, 30)), on_solver_error="skip", disable=True)
@@ -533,7 +533,7 @@ def test_trainer_bad_settings(tmp_path):
 
 
 def test_unwritable_checkpoint_fails_before_the_first_step(tmp_path):
-    # Issue 14: these used to surface only at the first save, after training had started
+    # Regression: these used to surface only at the first save, after training had started
     flow = small_flow()
     with pytest.raises(FileNotFoundError, match="the directory .*missing does not exist"):
         Trainer(flow, gaussian_batches, checkpoint=Checkpointing(tmp_path / "missing" / "c.pt"))

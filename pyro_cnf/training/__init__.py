@@ -9,11 +9,10 @@ Not imported by ``import pyro_cnf``; import it as ``pyro_cnf.training``.
 - :mod:`~pyro_cnf.training.distributed`: ``torchrun`` set-up and collectives.
 
 Example:
-    >>> from pyro_cnf import ContinuousFlow, ODENet
+    >>> from pyro_cnf import default_flow
     >>> from pyro_cnf.training import FlowMatching, Trainer
-    >>> flow = ContinuousFlow(ODENet(2, (8,)))
-    >>> trainer = Trainer(flow, lambda step: torch.randn(64, 2), FlowMatching(path="cosine"), lr=1e-2,
-    ...                   schedule="cosine", ema=0.9, disable=True)
+    >>> flow = default_flow(2, (8,), preset="flow_matching")  # the Trainer takes its lr and schedule
+    >>> trainer = Trainer(flow, lambda step: torch.randn(64, 2), FlowMatching(path="cosine"), ema=0.9, disable=True)
     >>> len(trainer.fit(5)), trainer.eval_model is trainer.averaged
     (5, True)
 """
