@@ -26,12 +26,12 @@ from pyro_cnf.training import Trainer
 
 TOLS = (1e-5, 1e-3)
 N = 1024
-#: ODENet's field without its gains (the "density_high_lr" preset's), the default before them.
-UNGAINED = PRESETS["density_high_lr"].field
+#: ODENet's field without its gains (the "density_fixed_grid" preset's), the default before them.
+UNGAINED = PRESETS["density_fixed_grid"].field
 
 
 def trained_fields(log=print) -> dict[str, torch.nn.Module]:
-    """Fields after a short training: maximum likelihood of the "density_high_lr" preset at
+    """Fields after a short training: maximum likelihood of the "density_fixed_grid" preset at
     its rate, trained at rtol = atol = 1e-5 (8 Gaussians, 50 and 300 Adam steps; checkerboard
     300 steps), and flow matching by the "flow_matching" preset's recipe (checkerboard,
     3000 steps of its batch size)."""
@@ -42,7 +42,7 @@ def trained_fields(log=print) -> dict[str, torch.nn.Module]:
     for name, data, steps in (("MLE 8gaussians 50", "8gaussians", 50), ("MLE 8gaussians 300", "8gaussians", 300),
                               ("MLE checkerboard 300", "checkerboard", 300)):
         torch.manual_seed(0)
-        flow = pyro_cnf.default_flow(2, preset="density_high_lr", rtol=1e-5, atol=1e-5)
+        flow = pyro_cnf.default_flow(2, preset="density_fixed_grid", rtol=1e-5, atol=1e-5)
         trainer = Trainer(flow, lambda i, data=data: datasets.sample(data, 512, seed=i).float(), disable=True)
         trainer.fit(steps)
         out[name] = flow.vector_field

@@ -228,7 +228,7 @@ def build(run: str, d: int, recipe: Mapping | None = None) -> Model:
         grid = re.match(r"pyro_cnf_dopri5x(\d+)", run)
         fixed = grid or run.startswith("pyro_cnf_rk4")
         # the density field; on a fixed grid without its gains, which would learn the grid's error
-        net = pyro_cnf.ODENet(d, **PRESETS["density_high_lr" if fixed else "density"].field)
+        net = pyro_cnf.ODENet(d, **PRESETS["density_fixed_grid" if fixed else "density"].field)
         kw = (dict(method="rk4", steps=8) if run.startswith("pyro_cnf_rk4") else dict(steps=int(grid[1]))
               if grid else dict(rtol=1e-5, atol=1e-5))
         regularize = run.endswith("_rnode")

@@ -31,7 +31,8 @@ learn slowly at the rates users bring (the first layer, with its fan-in of only 
 the time dependence). The same factors can make a field too fast at Adam 1e-2 (on a 2-D
 checkerboard they then lose 0.2-0.3 nats). So each preset names the rates it was tuned at (:attr:`Preset.lr_range`); for Adam
 at 3e-3 to 2e-2 use ``"density_high_lr"``, the field with the guides' milder gains.
-:func:`for_lr` picks between the two.
+:func:`for_lr` picks between the two. On a coarse fixed grid a field that learns fast learns
+the grid's error as well: ``"density_fixed_grid"`` has no gains.
 
 Example:
     >>> PRESETS["density"].lr
@@ -110,6 +111,11 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
         "conditional", _CONDITIONAL_FIELD, lr=1e-3, lr_range=(5e-4, 1e-3),
         reason="conditional densities p(x | c) by maximum likelihood: tanh with the gains and no scale rate, "
                "which costs 0.5-0.8 nats on a conditional posterior (BENCHMARKS.md, 'Presets')",
+    ),
+    Preset(
+        "density_fixed_grid", {**_CONDITIONAL_FIELD, **_GAINS_OFF}, lr=1e-3, lr_range=(5e-4, 1e-2),
+        reason="maximum likelihood on a coarse fixed grid (method='rk4', steps=4): a field with gains learns "
+               "the grid's error too (training loss far below the held-out NLL), so none (BENCHMARKS.md, 'Gains')",
     ),
     Preset(
         "guide", _GUIDE_FIELD,

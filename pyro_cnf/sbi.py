@@ -38,6 +38,7 @@ Example (needs sbi)::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -205,6 +206,13 @@ class _EmbeddedField(nn.Module):
         return self.field(t, theta, self.embedding(x.reshape(-1, *self.x_shape)))
 
 
+def _objective_options() -> set[str]:
+    """The settings of :class:`~pyro_cnf.training.FlowMatching`."""
+    from .training import FlowMatching
+
+    return {f.name for f in dataclasses.fields(FlowMatching)}
+
+
 def train_flow_matching(
     estimator: Any,
     theta: Tensor,
@@ -261,8 +269,7 @@ def train_flow_matching(
         raise ValueError(f"train_flow_matching: preset {recipe.name!r} names no batch_size; pass batch_size=")
     lr = recipe.lr if lr is None else lr
     schedule = recipe.schedule if schedule is None else schedule
-    options = {f.name for f in dataclasses.fields(FlowMatching)}
-    objective = {**{k: v for k, v in recipe.training.items() if k in options}, **objective}
+    objective = {**{k: v for k, v in recipe.training.items() if k in _objective_options()}, **objective}
 
     if theta.dim() != 2 or x.dim() < 2 or len(theta) != len(x) or len(theta) == 0:
         raise ValueError(
@@ -298,33 +305,22 @@ def flow_matching_estimator(
     z_score_x: str | None = "independent",
     embedding_net: nn.Module | None = None,
     preset: str | Preset = "flow_matching",
-    steps: int | None = None,
-    max_seconds: float | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    schedule: str | None = None,
-    seed: int = 0,
-    progress: bool = False,
     **settings: Any,
 ):
     """:func:`build_cnf_estimator` from the ``"flow_matching"`` preset, trained by
     :func:`train_flow_matching` with that preset's recipe.
 
-    ``settings`` are field options and flow settings, each replacing the preset's, which
-    build the estimator (its :class:`~pyro_cnf.ContinuousFlow` is what sbi's sampling and
-    ``log_prob`` solve with), and :class:`~pyro_cnf.training.FlowMatching`'s (``path``,
-    ``coupling``, ``sigma_min``, ``t_power``). ``steps``, ``max_seconds`` (one is
-    required), ``batch_size``, ``lr``, ``schedule``, ``seed`` and ``progress`` go to
-    :func:`train_flow_matching`. The training record is left in
+    ``settings`` are of three kinds, each replacing the preset's value: field options and
+    flow settings build the estimator (its :class:`~pyro_cnf.ContinuousFlow` is what sbi's
+    sampling and ``log_prob`` solve with); :func:`train_flow_matching`'s own (``steps`` or
+    ``max_seconds``, one of them required, ``batch_size``, ``lr``, ``schedule``, ``seed``,
+    ``progress``) and :class:`~pyro_cnf.training.FlowMatching`'s (``path``, ``coupling``,
+    ``sigma_min``, ``t_power``) go to the training. The training record is left in
     ``estimator.training_record``.
     """
-    from .training import FlowMatching
-
-    options = {f.name for f in dataclasses.fields(FlowMatching)}
-    objective = {k: settings.pop(k) for k in list(settings) if k in options}
+    training_options = set(inspect.signature(train_flow_matching).parameters) - {"estimator", "theta", "x", "preset"}
+    training = {k: settings.pop(k) for k in list(settings) if k in training_options | _objective_options()}
     estimator = build_cnf_estimator(theta, x, z_score_theta, z_score_x, hidden_dims, embedding_net,
                                     preset=preset, **settings)
-    estimator.training_record = train_flow_matching(
-        estimator, theta, x, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr, schedule=schedule,
-        seed=seed, progress=progress, preset=preset, **objective)
+    estimator.training_record = train_flow_matching(estimator, theta, x, preset=preset, **training)
     return estimator

@@ -56,7 +56,7 @@ def make_trainer(name, checkpoint=None):
         flow = ContinuousFlow(QuadraticField(), method="rk4", steps=4)
         return Trainer(flow, blowing_up_on_rank_1, lr=1e-2, on_solver_error="skip", disable=True)
     kw = {"mle_adjoint": {"adjoint": True}, "rnode": {"regularize": True, "trace": "hutchinson"}}.get(name, {})
-    flow = default_flow(2, (8, 8), preset="density_high_lr", zero_init=False, method="rk4", steps=2, **kw)
+    flow = default_flow(2, (8, 8), preset="density_fixed_grid", zero_init=False, method="rk4", steps=2, **kw)
     options = {
         "rnode": {"objective": MaximumLikelihood(lambda_kinetic=0.1, lambda_jacobian=0.1)},
         "flow_matching": {"objective": FlowMatching()},

@@ -64,7 +64,7 @@ class ConditionalGaussian(nn.Module):
 
 def test_maximum_likelihood_on_a_fixed_grid_warns_of_the_gains_only():
     gained = ContinuousFlow(ODENet(2, (8,)), method="rk4", steps=4)
-    with pytest.warns(UserWarning, match="gains .* fixed grid of 4 steps.*preset='density_high_lr'"):
+    with pytest.warns(UserWarning, match="gains .* fixed grid of 4 steps.*preset='density_fixed_grid'"):
         Trainer(gained, gaussian_batches)
     quiet = [
         (default_flow(2, (8,), preset="demo"), MaximumLikelihood()),  # its 4-step grid without gains
@@ -558,3 +558,15 @@ def test_adjoint_backward_failure_stops_or_skips(tmp_path):
     trainer.fit(2)
     assert trainer.skipped == 2 and trainer.step == 2
     assert all(torch.equal(a, b) for a, b in zip(start, flow.parameters()))
+
+
+def test_a_rate_outside_the_presets_range_names_the_preset_for_it():
+    batches = lambda step: torch.randn(8, 2)  # noqa: E731
+    with pytest.warns(UserWarning, match=r"lr=0.01 is outside .* preset 'density' .* preset='density_high_lr'"):
+        Trainer(default_flow(2, (8,)), batches, lr=1e-2, disable=True)
+    with pytest.warns(UserWarning, match=r"preset 'guide' was tuned at \(0.001-0.01\); its own rate is 0.005"):
+        Trainer(default_flow(2, (8,), preset="guide"), batches, lr=0.1, disable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(default_flow(2, (8,)), batches, lr=1e-3, disable=True)  # in range
+        Trainer(ContinuousFlow(ODENet(2, (8,))), batches, lr=1e-2, disable=True)  # no preset: no advice

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..checks import check_inputs
 from ..flow import ContinuousFlow, SolverError
 from ..nets import ODENet
-from ..presets import PRESETS, Preset, get_preset
+from ..presets import PRESETS, Preset, for_lr, get_preset
 from . import distributed
 from .checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint
 from .objectives import MaximumLikelihood, Objective
@@ -190,24 +190,34 @@ def _warn_of_gains_on_a_fixed_grid(model: nn.Module, objective: Objective) -> No
         warnings.warn(
             f"training an ODENet with gains (input_gain={field.input_gain:g}, time_gain={field.time_gain:g}, "
             f"hidden_gain={field.hidden_gain:g}) by maximum likelihood on a fixed grid of {model.steps} steps: "
-            "such a field learns the grid's error (a training loss far below the held-out NLL); build it with "
-            "the gains at 1 (preset='density_high_lr'; the 'demo' preset for a grid), or train with an adaptive "
-            "method (the default dopri5)",
+            "such a field learns the grid's error (a training loss far below the held-out NLL); build it "
+            "without gains (preset='density_fixed_grid'), or train with an adaptive method (the default dopri5)",
             stacklevel=3,
         )
 
 
-def _preset_of(model: nn.Module) -> Preset:
+def _preset_of(model: nn.Module) -> Preset | str | None:
     """The preset ``model``'s flow was built from (the first :class:`~pyro_cnf.ContinuousFlow`
-    among its modules that names one), else ``"density"``."""
+    among its modules that names one), ``None`` if none does; only its name when it is not in
+    :data:`~pyro_cnf.presets.PRESETS` (a :class:`~pyro_cnf.presets.Preset` of the user's own)."""
     names = (m.preset for m in model.modules() if isinstance(m, ContinuousFlow) and m.preset is not None)
-    name = next(names, "density")
-    if name not in PRESETS:  # built from a Preset of the user's own: the flow keeps only its name
-        raise ValueError(
-            f"Trainer: the model's flow was built from the preset {name!r}, which is not in "
-            "pyro_cnf.presets.PRESETS; pass that Preset as preset=, or give lr= and schedule="
-        )
-    return PRESETS[name]
+    name = next(names, None)
+    return None if name is None else PRESETS.get(name, name)
+
+
+def _check_lr(recipe: Preset, lr: float) -> None:
+    """Warn when ``lr`` lies outside the rates ``recipe`` was tuned at, naming the preset for it."""
+    low, high = recipe.lr_range
+    if low <= lr <= high:
+        return
+    better = for_lr(recipe.name, lr) if recipe.name in PRESETS else recipe
+    advice = (f"build the flow with preset={better.name!r}, tuned at {better.lr_range[0]:g}-{better.lr_range[1]:g}"
+              if better is not recipe else f"its own rate is {recipe.lr:g}")
+    warnings.warn(
+        f"Trainer: lr={lr:g} is outside the rates the flow's preset {recipe.name!r} was tuned at "
+        f"({low:g}-{high:g}); {advice}",
+        stacklevel=3,
+    )
 
 
 class TrainingError(RuntimeError):
@@ -346,6 +356,9 @@ class Trainer:
             shape ``(B, c)``, moved to the model's device and dtype; the global batch.
         objective: A :class:`~pyro_cnf.training.objectives.Objective`.
         lr: Adam's learning rate; ``None``: the preset's (:attr:`~pyro_cnf.presets.Preset.lr`).
+            A rate outside the range the flow's preset was tuned at
+            (:attr:`~pyro_cnf.presets.Preset.lr_range`) gives a warning that names the preset
+            tuned for it (e.g. ``"density_high_lr"`` for the density field at 1e-2).
         schedule: ``"constant"``, ``"cosine"`` (down to 0 at the end of the budget), or a
             function of the fraction done in ``[0, 1)`` to the factor on ``lr``; ``None``:
             the preset's ``training["schedule"]``, ``"constant"`` where it names none.
@@ -414,10 +427,17 @@ class Trainer:
         _warn_of_gains_on_a_fixed_grid(model, objective)
         if preset is not None:
             preset = get_preset(preset, "Trainer")  # validated even when lr and schedule are given
-        if lr is None or schedule is None:
-            recipe = preset or _preset_of(model)
-            lr = recipe.lr if lr is None else lr
-            schedule = recipe.schedule if schedule is None else schedule
+        named = preset or _preset_of(model)
+        if isinstance(named, str) and (lr is None or schedule is None):
+            raise ValueError(
+                f"Trainer: the model's flow was built from the preset {named!r}, which is not in "
+                "pyro_cnf.presets.PRESETS; pass that Preset as preset=, or give lr= and schedule="
+            )
+        if isinstance(named, Preset) and isinstance(lr, (int, float)):
+            _check_lr(named, lr)  # a rate the preset was not tuned at: say which preset was
+        recipe = named if isinstance(named, Preset) else PRESETS["density"]
+        lr = recipe.lr if lr is None else lr
+        schedule = recipe.schedule if schedule is None else schedule
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         if not callable(schedule) and schedule not in SCHEDULES:
