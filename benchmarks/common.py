@@ -46,9 +46,8 @@ def perturbed_field(d: int, seed: int = 0) -> pyro_cnf.ODENet:
     modulation and the output layer perturbed so that the flow is far from the identity
     and changes with time (4-7 dopri5 steps at 1e-5; |log det| of about 2, 11 and 56 nats at d = 2, 8, 64)."""
     g = torch.Generator().manual_seed(seed)
-    # the field of every run since the first: the density field without its later gains
-    # (the "density_fixed_grid" preset's) and in the softplus of then
-    net = pyro_cnf.ODENet(d, **{**PRESETS["density_fixed_grid"].field, "activation": "softplus"}, zero_init=False)
+    # the field of every run since the first: softplus without gains, the "density_fixed_grid" preset's
+    net = pyro_cnf.ODENet(d, **PRESETS["density_fixed_grid"].field, zero_init=False)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]) if p.dim() == 2 else p)

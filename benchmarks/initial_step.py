@@ -26,7 +26,7 @@ from pyro_cnf.training import Trainer
 
 TOLS = (1e-5, 1e-3)
 N = 1024
-#: ODENet's field without its gains (the "density_fixed_grid" preset's), the default before them.
+#: A field without gains or scale rate (the "density_fixed_grid" preset's).
 UNGAINED = PRESETS["density_fixed_grid"].field
 
 

@@ -93,6 +93,7 @@ _DENSITY_FIELD = {"hidden_dims": (64, 64), "activation": "silu", "input_gain": 1
 _GUIDE_FIELD = {"hidden_dims": (64, 64), "activation": "silu", "input_gain": 4.0, "time_gain": 1.0,
                 "hidden_gain": 1.0, "scale_rate": 4.0, "time_gate_scale": 0.1}
 _CONDITIONAL_FIELD = {**_DENSITY_FIELD, "activation": "tanh", "scale_rate": 0.0}
+_FIXED_GRID_FIELD = {**_CONDITIONAL_FIELD, "activation": "softplus", **_GAINS_OFF}
 
 #: Every tuned configuration, by name.
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
@@ -113,9 +114,10 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
                "which costs 0.5-0.8 nats on a conditional posterior (BENCHMARKS.md, 'Presets')",
     ),
     Preset(
-        "density_fixed_grid", {**_CONDITIONAL_FIELD, **_GAINS_OFF}, lr=1e-3, lr_range=(5e-4, 1e-2),
-        reason="maximum likelihood on a coarse fixed grid (method='rk4', steps=4): a field with gains learns "
-               "the grid's error too (training loss far below the held-out NLL), so none (BENCHMARKS.md, 'Gains')",
+        "density_fixed_grid", _FIXED_GRID_FIELD, lr=1e-3, lr_range=(5e-4, 1e-2),
+        reason="maximum likelihood on a coarse fixed grid (method='rk4', steps=4): a field with gains, or tanh, "
+               "learns the grid's error too (a training loss far below the held-out NLL); softplus without gains "
+               "does not (BENCHMARKS.md, 'Gains')",
     ),
     Preset(
         "guide", _GUIDE_FIELD,
@@ -146,12 +148,11 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
                "(BENCHMARKS.md, 'Flow matching')",
     ),
     Preset(
-        "demo",
-        {"hidden_dims": (64, 64), "activation": "softplus", "time_gate_scale": 0.1, "scale_rate": 0.0, **_GAINS_OFF},
+        "demo", _FIXED_GRID_FIELD,
         flow={"method": "rk4", "steps": 4}, lr=1e-2, lr_range=(3e-3, 2e-2),
         training={"steps": 4000, "batch_size": 256, "schedule": "constant"},
-        reason="the demo's 2-D maximum likelihood on a 4-step rk4 grid: a gained or tanh field learns the grid's "
-               "error, softplus without gains does not (BENCHMARKS.md, 'Gains')",
+        reason="the demo's 2-D maximum likelihood on a 4-step rk4 grid at lr 1e-2: the fixed-grid field "
+               "(BENCHMARKS.md, 'Gains')",
     ),
     Preset(
         "demo_flow_matching",
