@@ -391,6 +391,22 @@ class TestTrainingTolerance:
 
 
 class TestGradients:
+    def test_the_adjoints_backward_solve_keeps_the_step_budget(self):
+        torch.manual_seed(0)
+        net = ODENet(2, (16, 16), zero_init=False, scale_rate=0.0)
+        with torch.no_grad():  # a field that needs tens of steps, twice as many backwards
+            for p in net.linears.parameters():
+                p.mul_(4)
+        x = torch.randn(64, 2)
+        free = ContinuousFlow(net, adjoint=True, rtol=1e-5, atol=1e-5, trace="exact")
+        z, ladj = free(x)
+        (z.sum() + ladj.sum()).backward()
+        assert free.nfe < 6 * 45 < free.nfe_backward  # 45 steps cover the forward solve, not the backward
+        capped = ContinuousFlow(net, adjoint=True, rtol=1e-5, atol=1e-5, trace="exact", options={"max_num_steps": 45})
+        z, ladj = capped(x)
+        with pytest.raises(SolverError, match=r"adjoint \(backward\) solve: max_num_steps exceeded"):
+            (z.sum() + ladj.sum()).backward()
+
     @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
     def test_adjoint_matches_direct(self, trace):
         torch.manual_seed(0)

@@ -317,6 +317,20 @@ def test_resumed_run_repeats_the_uninterrupted_run(tmp_path, name):
     assert len(second.history) == 12 and [h["step"] for h in second.history] == list(range(12))
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_resumed_run_takes_the_new_learning_rate(tmp_path, schedule):
+    path = tmp_path / "c.pt"
+    Trainer(small_flow(), gaussian_batches, lr=0.5, checkpoint=Checkpointing(path), disable=True).fit(2)
+    resumed = Trainer(small_flow(), gaussian_batches, lr=1e-5, schedule=schedule, checkpoint=Checkpointing(path),
+                      disable=True)
+    assert resumed.resume()
+    before = flat(resumed.model).clone()
+    resumed.fit(3)
+    # Adam's first steps move each weight by about lr: 1e-5, not the checkpoint's 0.5
+    assert (flat(resumed.model) - before).abs().max() < 1e-4
+    assert all(group["lr"] <= 1e-5 for group in resumed.optimizer.param_groups)
+
+
 def test_checkpoint_holds_model_optimizer_step_rng_and_config(tmp_path):
     path = tmp_path / "c.pt"
     checkpoint = Checkpointing(path, every=3, config={"dataset": "gauss", "hidden": [8, 8]})

@@ -60,7 +60,8 @@ class Solver:
         adjoint: Differentiate by ``odeint_adjoint`` (memory flat in the number of steps).
         options: Solver options (torchdiffeq's names); the own solver knows
             :data:`OWN_OPTIONS`, any other option selects torchdiffeq.
-        adjoint_options: torchdiffeq's options for the adjoint solve (default seminorm).
+        adjoint_options: torchdiffeq's options for the adjoint solve (default seminorm; an
+            adaptive backward solve also gets the forward's ``max_num_steps``).
         backend: ``"auto"`` (the own solver where it applies) or ``"torchdiffeq"``.
 
     Example:

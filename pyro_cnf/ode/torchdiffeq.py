@@ -101,7 +101,9 @@ def solve(
         if not solver.adjoint:
             return odeint(func, y0, t, **kwargs)[-1]
         adjoint_options = dict(solver.adjoint_options)
-        if not solver.adaptive:  # else torchdiffeq takes the adjoint in ONE step
+        if solver.adaptive:  # the backward solve gets the forward's step budget, not torchdiffeq's 2^31 - 1
+            adjoint_options.setdefault("max_num_steps", solver.max_num_steps)
+        else:  # else torchdiffeq takes the adjoint in ONE step
             for key in ("grid_constructor", "step_size"):
                 if key in options and "step_size" not in adjoint_options:
                     adjoint_options.setdefault(key, options[key])

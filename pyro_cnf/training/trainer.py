@@ -546,9 +546,10 @@ class Trainer:
 
     def _optimise(self, i: int, done: float, x: Tensor, context: Tensor | None, parallel: bool) -> dict[str, float]:
         """The optimiser step on the global batch ``x`` (this rank's slice of it); its metrics."""
-        if self.factor is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr * self.factor(done)
+        # every step, so that the trainer's lr holds after a checkpoint's optimiser state is loaded
+        rate = self.lr * (1.0 if self.factor is None else self.factor(done))
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
         like = self._like
         inputs = self.objective.draw(self.model, x.to(like), None if context is None else context.to(like))
         if parallel:
