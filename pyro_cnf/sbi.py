@@ -139,7 +139,8 @@ def build_cnf_estimator(
 
     Returns:
         sbi's ``NFlowsFlow`` around a :class:`~pyro_cnf.CNFFlow` whose transform is
-        ``CompositeTransform([z-score, CNFTransform])``.
+        ``CompositeTransform([z-score, CNFTransform])``, on ``batch_theta``'s device and in
+        its dtype.
     """
     from sbi.neural_nets.estimators import NFlowsFlow
 
@@ -168,6 +169,8 @@ def build_cnf_estimator(
         mean, std = _moments(batch_theta, z_score_theta, min_std=1e-14)
         parts.insert(0, PointwiseAffineTransform(shift=-mean / std, scale=1 / std))
     net = CNFFlow(CompositeTransform(parts), StandardNormal([d]), embedding_net=embedding)
+    # the estimator follows the data: float64 simulations give a float64 estimator, throughout
+    net = net.to(device=batch_theta.device, dtype=batch_theta.dtype)
     return NFlowsFlow(net, input_shape=batch_theta[0].shape, condition_shape=batch_x[0].shape)
 
 

@@ -139,6 +139,13 @@ class TestSbiTrainsIt:
 
 
 class TestFlowMatching:
+    def test_float64_simulations_give_a_float64_estimator(self):
+        theta, x = (v.double() for v in data(200))
+        est = flow_matching_estimator(theta, x, hidden_dims=(8,), steps=3, batch_size=32)
+        assert est.training_record["steps"] == 3
+        assert all(p.dtype == torch.float64 for p in est.parameters())
+        assert est.log_prob(theta[:4].unsqueeze(0), condition=x[:4]).dtype == torch.float64
+
     def test_loss_decreases_and_direct_posterior_works(self, monkeypatch):
         from sbi.inference import DirectPosterior
 
