@@ -132,6 +132,19 @@ def test_an_existing_checkpoint_needs_resume_or_overwrite(tmp_path, capsys):
     assert checkpoint_of(tmp_path)["step"] == 2
 
 
+def test_overwrite_deletes_every_output_of_the_old_run(tmp_path, capsys, monkeypatch):
+    # Regression: only checkpoint.pt went; an interrupted new run left the old metrics and picture
+    assert run_demo(tmp_path, "--steps", "2") == 0
+    assert {p.name for p in tmp_path.iterdir()} >= set(demo.OUTPUTS)
+
+    def interrupted(self, steps):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    assert run_demo(tmp_path, "--steps", "2", "--overwrite") == 130
+    assert not any((tmp_path / name).exists() for name in demo.OUTPUTS)
+
+
 def test_a_locked_out_refuses_a_second_run_at_once(tmp_path, capsys):
     with RunLock(tmp_path) as lock:
         with pytest.raises(SystemExit) as info:

@@ -51,6 +51,8 @@ DEMO_PRESETS: dict[str, str] = {"mle": "demo", "flow_matching": "demo_flow_match
 FM_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(FlowMatching) if f.name in ("path", "coupling", "sigma_min")
 }
+#: The files a run writes to --out (besides its lock), which --overwrite deletes.
+OUTPUTS = ("checkpoint.pt", "metrics.json", "demo.png")
 #: What each exit status means.
 EXIT_CODES = {
     0: "done",
@@ -231,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     start = run_group.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt up to --steps")
     start.add_argument("--overwrite", action="store_true",
-                       help="delete --out/checkpoint.pt and start over; without --resume or --overwrite a run "
-                       "refuses to start when that checkpoint exists")
+                       help="delete the old run's checkpoint.pt, metrics.json and demo.png in --out and start "
+                       "over; without --resume or --overwrite a run refuses to start when that checkpoint exists")
     run_group.add_argument("--checkpoint-every", type=_int_in(1), default=500,
                            help="save a checkpoint every this many steps")
     run_group.add_argument("--on-solver-error", default="stop", choices=("stop", "skip"),
@@ -321,11 +323,13 @@ def _claim_out(args: argparse.Namespace, lock: RunLock) -> str | None:
     if exists and not (args.resume or args.overwrite):
         return (f"argument --out: {str(checkpoint)!r} exists; pass --resume to continue that run or --overwrite "
                 "to start over")  # fmt: skip
-    if exists and args.overwrite and not checkpoint.is_dir():
-        try:
-            checkpoint.unlink()
-        except OSError as error:
-            return f"argument --overwrite: cannot delete {str(checkpoint)!r}: {error.strerror or error}"
+    if args.overwrite:  # every output of the old run: none of it may sit beside the new run's
+        for path in (args.out / name for name in OUTPUTS):
+            if (path.exists() or path.is_symlink()) and not path.is_dir():
+                try:
+                    path.unlink()
+                except OSError as error:
+                    return f"argument --overwrite: cannot delete {str(path)!r}: {error.strerror or error}"
     return None
 
 
