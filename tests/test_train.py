@@ -1,10 +1,15 @@
 """Training: the helpers, the objectives, and the one resumable, checkpointed Trainer."""
 
+import datetime
 import math
 import subprocess
 import sys
 import warnings
+from collections import defaultdict
+from fractions import Fraction
+from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from torch import nn
@@ -329,6 +334,23 @@ def test_a_resumed_run_takes_the_new_learning_rate(tmp_path, schedule):
     # Adam's first steps move each weight by about lr: 1e-5, not the checkpoint's 0.5
     assert (flat(resumed.model) - before).abs().max() < 1e-4
     assert all(group["lr"] <= 1e-5 for group in resumed.optimizer.param_groups)
+
+
+@pytest.mark.parametrize("value", [
+    Path("x"), numpy.float64(1.0), numpy.zeros(2), datetime.date(2026, 1, 1), Fraction(1, 3), range(3),
+    frozenset({1}), defaultdict(int), {1: "int key"},
+], ids=lambda v: type(v).__name__)
+def test_a_config_the_checkpoint_could_not_load_is_refused_when_made(value):
+    # Regression: saving pickled anything, loading (weights_only) refused it: progress out of reach
+    with pytest.raises(TypeError, match=r"config\['bad'\].*(JSON values only|keys are strings)"):
+        Checkpointing("c.pt", config={"bad": value})
+
+
+def test_every_json_config_round_trips(tmp_path):
+    config = {"lr": 1e-3, "hidden": [64, 64], "pair": (1, 2), "on": True, "none": None, "nested": {"a": ["b"]}}
+    path = tmp_path / "c.pt"
+    Trainer(small_flow(), gaussian_batches, checkpoint=Checkpointing(path, config=config), disable=True).fit(1)
+    assert load_checkpoint(path, Trainer.STATE_KEYS)["config"] == config
 
 
 def test_checkpoint_holds_model_optimizer_step_rng_and_config(tmp_path):

@@ -234,6 +234,22 @@ class TrainingError(RuntimeError):
         self.checkpoint_step = checkpoint_step
 
 
+def _check_json(value: Any, where: str) -> None:
+    """Raise ``TypeError`` naming the first value at ``where`` that is not JSON."""
+    if type(value) is dict:  # a subclass (defaultdict, ...) would not load either
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has the key {key!r}, a {type(key).__name__}; a checkpoint's config "
+                                "keys are strings")
+            _check_json(item, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]")
+    elif value is not None and type(value) not in (str, int, float, bool):
+        raise TypeError(f"{where} is a {type(value).__name__}; a checkpoint's config holds JSON values only "
+                        "(dict, list, str, int, float, bool, None): convert it, e.g. str(...) or float(...)")
+
+
 @dataclass(frozen=True)
 class Checkpointing:
     """Where and how often a :class:`Trainer` saves.
@@ -242,7 +258,18 @@ class Checkpointing:
         path: The checkpoint file. Its directory must exist and be writable, and the file,
             if present, replaceable; the trainer checks this when it is built.
         every: Save every this many steps, and at the end of :meth:`Trainer.fit`.
-        config: JSON-like settings stored in the checkpoint (e.g. to check a resume).
+        config: Settings stored in the checkpoint (e.g. to check a resume): JSON values only
+            (dicts with string keys, lists, tuples, strings, numbers, booleans, ``None``),
+            checked here, since a checkpoint loads nothing else (``weights_only``).
+
+    Example:
+        >>> Checkpointing("run.pt", config={"lr": 1e-3, "hidden": [64, 64]}).every
+        100
+        >>> from pathlib import Path
+        >>> Checkpointing("run.pt", config={"data": Path("x.csv")})
+        Traceback (most recent call last):
+        ...
+        TypeError: config['data'] is a PosixPath; a checkpoint's config holds JSON values only (dict, list, str, int, float, bool, None): convert it, e.g. str(...) or float(...)
     """
 
     path: str | os.PathLike
@@ -253,6 +280,7 @@ class Checkpointing:
         object.__setattr__(self, "path", Path(self.path))
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
+        _check_json(self.config, "config")
 
 
 @dataclass(frozen=True, eq=False)
