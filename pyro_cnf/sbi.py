@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -234,10 +235,11 @@ def train_flow_matching(
     """Train the CNF of an estimator from :func:`build_cnf_estimator` by flow matching,
     with :class:`~pyro_cnf.training.Trainer` and :class:`~pyro_cnf.training.FlowMatching`.
 
-    Each step draws ``batch_size`` rows of ``(theta, x)`` with replacement, maps theta
-    through the transforms ahead of the CNF (the z-score, held fixed) and x through the
-    embedding net (trained with the field), and takes an Adam step on the flow-matching
-    loss. No ODE is solved.
+    Rows whose theta or x holds NaN or inf are left out, with a warning that counts them (as
+    sbi does with invalid simulations). Each step draws ``batch_size`` rows of ``(theta, x)``
+    with replacement, maps theta through the transforms ahead of the CNF (the z-score, held
+    fixed) and x through the embedding net (trained with the field), and takes an Adam step
+    on the flow-matching loss. No ODE is solved.
 
     Arguments:
         estimator: sbi's ``NFlowsFlow`` (or an nflows ``Flow``) whose last transform is a
@@ -278,6 +280,14 @@ def train_flow_matching(
         raise ValueError(
             f"theta must have shape (N, d) and x (N, ...), got {tuple(theta.shape)} and {tuple(x.shape)}"
         )
+    finite = torch.isfinite(theta).all(-1) & torch.isfinite(x.reshape(len(x), -1)).all(-1)
+    if not finite.all():  # as sbi does with invalid simulations: leave them out, and say so
+        bad = (~finite).nonzero().flatten().tolist()
+        if len(bad) == len(theta):
+            raise ValueError("train_flow_matching: every row of theta or x holds NaN or inf")
+        warnings.warn(f"train_flow_matching: leaving out {len(bad)} of {len(theta)} rows whose theta or x holds "
+                      f"NaN or inf (rows {bad[:5]}{' ...' if len(bad) > 5 else ''})", stacklevel=2)
+        theta, x = theta[finite], x[finite]
     net, before, cnf = _parts(estimator)
     with torch.no_grad():
         theta_in = forward_without_logdet(CompositeTransform(before), theta) if before else theta

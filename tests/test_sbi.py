@@ -1,6 +1,7 @@
 """The sbi helper: estimators built like sbi's, trained by sbi or by flow matching, sampled
 through sbi's posterior without the trace; sbi stays an optional dependency."""
 
+import math
 import subprocess
 import sys
 from functools import partial
@@ -139,6 +140,16 @@ class TestSbiTrainsIt:
 
 
 class TestFlowMatching:
+    def test_rows_with_nan_are_left_out_with_a_warning(self):
+        # Regression: z-scoring dropped them, then training died at a random step naming nothing
+        theta, x = data(300)
+        x[[3, 50, 77]] = float("nan")
+        with pytest.warns(UserWarning, match=r"leaving out 3 of 300 rows .* \(rows \[3, 50, 77\]\)"):
+            est = flow_matching_estimator(theta, x, hidden_dims=(8,), steps=200, batch_size=256)
+        assert est.training_record["steps"] == 200 and all(map(math.isfinite, est.training_record["losses"]))
+        with pytest.raises(ValueError, match="every row of theta or x holds NaN or inf"):
+            train_flow_matching(est, theta[:2], x[[3, 50]], steps=1)
+
     def test_float64_simulations_give_a_float64_estimator(self):
         theta, x = (v.double() for v in data(200))
         est = flow_matching_estimator(theta, x, hidden_dims=(8,), steps=3, batch_size=32)
