@@ -156,6 +156,22 @@ def test_run_lock_names_its_holder_and_is_released(tmp_path):
         pass
 
 
+def test_run_lock_release_in_a_read_only_directory_hides_no_error(tmp_path, monkeypatch):
+    # Regression: release() raised PermissionError, hiding the error that ended the run
+    lock = RunLock(tmp_path)
+    lock.acquire()
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "unlink", refuse)  # as in a directory made read-only (root ignores chmod)
+    lock.release()
+    monkeypatch.undo()
+    assert (tmp_path / ".lock").exists()  # left behind, but free: the lock went with the descriptor
+    with RunLock(tmp_path):
+        pass
+
+
 def test_run_lock_of_a_killed_process_does_not_block(tmp_path):
     code = ("import sys, time; from pyro_cnf.training import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(60)")  # fmt: skip

@@ -282,8 +282,11 @@ class RunLock:
         """Give the lock up and remove the lock file (idempotent)."""
         if self._fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # before closing: nobody can lock this file meanwhile
+        # before closing: nobody can lock this file meanwhile. A directory made read-only
+        # keeps the file, which is harmless (the lock goes with the descriptor) and must not
+        # hide the error that is ending the run.
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
         os.close(self._fd)
         self._fd = None
 
