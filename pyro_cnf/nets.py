@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -251,6 +252,10 @@ class ODENet(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         hidden_dims = check_widths(hidden_dims)
+        for name, value in (("input_dim", input_dim), ("context_dim", context_dim)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"ODENet: {name} must be an int, got {value!r}")
+        input_dim, context_dim = int(input_dim), int(context_dim)
         if input_dim < 1 or context_dim < 0:
             raise ValueError(f"expected input_dim >= 1 and context_dim >= 0, got input_dim={input_dim}, "
                              f"context_dim={context_dim}")

@@ -109,3 +109,25 @@ def test_empty_batch_returns_empty(kind):
     y, ladj = CALLS[kind](torch.zeros(0, D), ctx, False)
     assert y.shape == (0, D)
     assert ladj is None or ladj.shape == (0,)
+
+
+@pytest.mark.parametrize("value", [2.5, "2", None, True])
+def test_odenet_dimensions_must_be_ints(value):
+    with pytest.raises(TypeError, match=r"ODENet: input_dim must be an int, got"):
+        ODENet(value)
+    with pytest.raises(TypeError, match=r"ODENet: context_dim must be an int, got"):
+        ODENet(2, context_dim=value)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"dfactor": 1.0}, r"options\['dfactor'\] must be a number in \(0, 1\)"),
+    ({"ifactor": 0.5}, r"options\['ifactor'\] must be a finite number > 1"),
+    ({"safety": float("nan")}, r"options\['safety'\] must be a finite number > 0"),
+    ({"safety": 0}, r"options\['safety'\] must be a finite number > 0"),
+    ({"first_step": 0.0}, r"options\['first_step'\] must be a finite number > 0"),
+    ({"first_step": float("nan")}, r"options\['first_step'\] must be a finite number > 0"),
+])
+def test_step_controls_that_cannot_work_are_refused_when_given(options, match):
+    # Regression: they were accepted and failed mid-solve ("underflow in dt", "max_num_steps exceeded")
+    with pytest.raises(ValueError, match=match):
+        ContinuousFlow(ODENet(2), options=options)

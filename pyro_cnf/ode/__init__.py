@@ -36,6 +36,19 @@ OWN_OPTIONS = frozenset({"first_step", "max_num_steps", "safety", "ifactor", "df
 BACKENDS = ("auto", "torchdiffeq")
 
 
+#: The step-size options: (name, open lower bound, open upper bound, what that means).
+_STEP_CONTROLS = (
+    ("safety", 0.0, math.inf, "a finite number > 0"),
+    ("ifactor", 1.0, math.inf, "a finite number > 1 (the largest growth of a step)"),
+    ("dfactor", 0.0, 1.0, "a number in (0, 1) (the largest shrinkage of a step)"),
+    ("first_step", 0.0, math.inf, "a finite number > 0"),
+)
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _positive_int(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
@@ -127,6 +140,11 @@ class Solver:
         budget = self.options.get("max_num_steps", DEFAULT_MAX_STEPS)
         if not _positive_int(budget):
             raise ValueError(f"options['max_num_steps'] must be a positive integer, got {budget!r}")
+        # step-size controls that cannot work would fail only mid-solve ("underflow in dt")
+        for name, low, high, what in _STEP_CONTROLS:
+            value = self.options.get(name)
+            if value is not None and not (_number(value) and low < value < high):
+                raise ValueError(f"options[{name!r}] must be {what}, got {value!r}")
 
     @property
     def adaptive(self) -> bool:
