@@ -606,3 +606,30 @@ def test_a_rate_outside_the_presets_range_names_the_preset_for_it():
         warnings.simplefilter("error")
         Trainer(default_flow(2, (8,)), batches, lr=1e-3, disable=True)  # in range
         Trainer(ContinuousFlow(ODENet(2, (8,))), batches, lr=1e-2, disable=True)  # no preset: no advice
+
+
+def test_a_model_moved_after_the_first_fit_trains_on():
+    # Regression: model.double() after fit left Adam's moments in float32: a raw dtype error
+    flow = small_flow()
+    trainer = Trainer(flow, gaussian_batches, lr=1e-2, ema=0.5, disable=True)
+    trainer.fit(2)
+    flow.double()
+    trainer.fit(4)
+    moments = [v for state in trainer.optimizer.state.values() for k, v in state.items() if k != "step"]
+    assert moments and all(v.dtype == torch.float64 for v in moments)
+    assert all(p.dtype == torch.float64 for p in trainer.eval_model.parameters())
+    assert math.isfinite(trainer.history[-1]["loss"])
+
+
+@pytest.mark.parametrize("steps", [2.5, "3", True])
+def test_fit_refuses_a_step_count_that_is_not_an_int(steps):
+    with pytest.raises(TypeError, match="fit: steps must be an int"):
+        Trainer(small_flow(), gaussian_batches, disable=True).fit(steps)
+
+
+@pytest.mark.parametrize("factor", [float("nan"), -1.0, float("inf")])
+def test_a_schedule_must_give_a_finite_factor_at_least_0(factor):
+    # Regression: -1 was accepted (the loss climbed) and NaN reported as "parameters hold NaN"
+    trainer = Trainer(small_flow(), gaussian_batches, schedule=lambda fraction: factor, disable=True)
+    with pytest.raises(ValueError, match=r"the schedule gave the factor .* a schedule must give a finite number >= 0"):
+        trainer.fit(1)

@@ -526,10 +526,14 @@ class Trainer:
         """
         if steps is None and cpu_seconds is None:
             raise ValueError("fit needs a budget: steps, cpu_seconds or both")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+            raise TypeError(f"fit: steps must be an int (the steps in all), got {steps!r}")
         if steps is not None and steps < self.step:
             raise ValueError(f"steps ({steps}) is below the steps already done ({self.step})")
-        if cpu_seconds is not None and not cpu_seconds > 0:
-            raise ValueError(f"cpu_seconds must be > 0, got {cpu_seconds}")
+        if cpu_seconds is not None and (isinstance(cpu_seconds, bool) or not isinstance(cpu_seconds, (int, float))
+                                        or not (math.isfinite(cpu_seconds) and cpu_seconds > 0)):
+            raise ValueError(f"fit: cpu_seconds must be a finite number > 0, got {cpu_seconds!r}")
+        self._follow_the_model()
         self.model.train()
         self._stop = False
 
@@ -544,6 +548,17 @@ class Trainer:
         if self.checkpoint is not None and self.saved_step != self.step:
             self.save()
         return history
+
+    def _follow_the_model(self) -> None:
+        """Move the optimiser's state and the weight average to the model's dtype and device,
+        should the model have moved since (``model.double()`` after a first ``fit``)."""
+        like = self._like
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    state[key] = value.to(like)
+        if self.averaged is not None:
+            self.averaged.to(like)
 
     def _train_step(self, i: int, done: float) -> dict[str, float]:
         """Step ``i``, then its bookkeeping: history, evaluation, checkpoint, callbacks."""
@@ -575,7 +590,11 @@ class Trainer:
     def _optimise(self, i: int, done: float, x: Tensor, context: Tensor | None, parallel: bool) -> dict[str, float]:
         """The optimiser step on the global batch ``x`` (this rank's slice of it); its metrics."""
         # every step, so that the trainer's lr holds after a checkpoint's optimiser state is loaded
-        rate = self.lr * (1.0 if self.factor is None else self.factor(done))
+        factor = 1.0 if self.factor is None else self.factor(done)
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 0):
+            raise ValueError(f"Trainer: the schedule gave the factor {factor!r} at {done:.3g} of the budget; "
+                             "a schedule must give a finite number >= 0")
+        rate = self.lr * factor
         for group in self.optimizer.param_groups:
             group["lr"] = rate
         like = self._like
