@@ -391,6 +391,11 @@ class TestTrainingTolerance:
 
 
 class TestGradients:
+    def test_the_users_adjoint_options_merge_into_the_defaults(self):
+        flow = ContinuousFlow(ODENet(2, (8,)), adjoint=True, adjoint_options={"max_num_steps": 7})
+        assert flow.solver.adjoint_options == {"norm": "seminorm", "max_num_steps": 7}
+        assert ContinuousFlow(ODENet(2, (8,)), adjoint=True).solver.adjoint_options == {"norm": "seminorm"}
+
     def test_the_adjoints_backward_solve_keeps_the_step_budget(self):
         torch.manual_seed(0)
         net = ODENet(2, (16, 16), zero_init=False, scale_rate=0.0)

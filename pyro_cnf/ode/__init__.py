@@ -73,8 +73,8 @@ class Solver:
         adjoint: Differentiate by ``odeint_adjoint`` (memory flat in the number of steps).
         options: Solver options (torchdiffeq's names); the own solver knows
             :data:`OWN_OPTIONS`, any other option selects torchdiffeq.
-        adjoint_options: torchdiffeq's options for the adjoint solve (default seminorm; an
-            adaptive backward solve also gets the forward's ``max_num_steps``).
+        adjoint_options: torchdiffeq's options for the adjoint solve, merged into the defaults
+            (seminorm, and for an adaptive backward solve the forward's ``max_num_steps``).
         backend: ``"auto"`` (the own solver where it applies) or ``"torchdiffeq"``.
 
     Example:
@@ -121,7 +121,7 @@ class Solver:
                 raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
         # copies, so that the caller's dicts can change without changing a validated solver
         object.__setattr__(self, "options", dict(self.options))
-        adjoint_options = {"norm": "seminorm"} if self.adjoint_options is None else dict(self.adjoint_options)
+        adjoint_options = {"norm": "seminorm", **(self.adjoint_options or {})}  # merged: a user's option adds
         object.__setattr__(self, "adjoint_options", adjoint_options)
         if self.steps is not None and not _positive_int(self.steps):
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
