@@ -210,7 +210,7 @@ def test_svi_with_auto_normalizing_flow_decreases_loss():
 @pytest.mark.slow
 def test_default_guide_fits_a_funnel_with_its_scale_rate():
     # Neal's funnel in 2-D, x | z ~ N(0, exp(z / 2)): a scale that depends on the other
-    # coordinate, which GUIDE_FIELD's scale rate lets the field hold (KL 0.026-0.048 on seeds
+    # coordinate, which the guide preset's scale rate lets the field hold (KL 0.026-0.048 on seeds
     # 0-2 after 400 steps; without it 0.084-0.199; BENCHMARKS.md, "Scale rate")
     def model():
         z = pyro.sample("z", dist.Normal(0.0, 3.0))
